@@ -1,0 +1,245 @@
+"""The thin layer that hides what differs between ``TransformerBridge`` (TL 4.x) and
+``HookedTransformer`` (TL 3.9): sizes, grouped-query shapes, W_O, the tokenizer, and
+one KV-cached decoding step. Hook names are the same on both backends; the shapes
+this plugin relies on are
+
+- ``blocks.{l}.attn.hook_attn_scores``, ``hook_pattern``: ``[batch, head, q_pos, k_pos]``
+- ``blocks.{l}.attn.hook_rot_q``: ``[batch, pos, head, d_head]``
+- ``blocks.{l}.attn.hook_rot_k``, ``hook_v``: ``[batch, pos, kv_head, d_head]``
+- ``blocks.{l}.attn.hook_z``: ``[batch, pos, head, d_head]``
+- ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post``: ``[batch, pos, d_model]``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+
+from .errors import UnsupportedModelError
+
+
+def attn_hook(layer: int, name: str) -> str:
+    """Full name of an attention hook point, e.g. ``attn_hook(3, "pattern")``."""
+    return f"blocks.{layer}.attn.hook_{name}"
+
+
+def block_hook(layer: int, name: str) -> str:
+    """Full name of a block-level hook point, e.g. ``block_hook(3, "resid_post")``."""
+    return f"blocks.{layer}.hook_{name}"
+
+
+@dataclass
+class DecodeState:
+    """What one KV-cached decoding step needs from the previous one.
+
+    ``attention_mask`` is ``[batch, pos_so_far]`` (1 = real token, 0 = left padding).
+    ``cache`` is backend-specific: a HuggingFace cache for the bridge, a
+    ``TransformerLensKeyValueCache`` for TL 3.9.
+    """
+
+    cache: Any
+    attention_mask: torch.Tensor
+
+
+class ModelAdapter:
+    """Uniform access to a TransformerLens model of either backend."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.cfg
+        self.kind = "hooked" if _is_hooked_transformer(model) else "bridge"
+        self.n_layers: int = int(cfg.n_layers)
+        self.n_heads: int = int(cfg.n_heads)
+        n_kv = getattr(cfg, "n_key_value_heads", None)
+        self.n_kv_heads: int = int(n_kv) if n_kv else self.n_heads
+        self.d_model: int = int(cfg.d_model)
+        self.d_head: int = int(cfg.d_head)
+        self.n_ctx: int = int(getattr(cfg, "n_ctx", 0) or 0)
+        self.tokenizer = model.tokenizer
+        if self.tokenizer is None:
+            raise UnsupportedModelError("the model has no tokenizer; pass one when loading it")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Output projection of ``layer`` as ``[head, d_head, d_model]``."""
+        if self.kind == "hooked":
+            return self.model.blocks[layer].attn.W_O
+        weight = self.model.blocks[layer].attn.o.original_component.weight  # [d_model, head*d_head]
+        return weight.T.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def check_layers(self, layers) -> list:
+        """Validate a list of layer indices against the model."""
+        layers = [int(l) for l in layers]
+        bad = [l for l in layers if not 0 <= l < self.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are outside the model's 0..{self.n_layers - 1}")
+        return layers
+
+    # ------------------------------------------------------------------ decoding
+    def prefill(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, DecodeState]:
+        """Run the prompt and start a KV cache.
+
+        Args:
+            tokens: ``[batch, pos]``, left-padded.
+            attention_mask: ``[batch, pos]``, 0 on padding.
+
+        Returns:
+            logits ``[batch, pos, vocab]`` and the state for `decode`.
+        """
+        if self.kind == "hooked":
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+            cache = TransformerLensKeyValueCache.init_cache(
+                self.model.cfg, self.device, tokens.shape[0]
+            )
+            logits = self.model(tokens, attention_mask=attention_mask, past_kv_cache=cache)
+        else:
+            logits, cache = self.model(
+                tokens,
+                return_type="logits_and_cache",
+                attention_mask=attention_mask,
+                use_cache=True,
+            )
+        return logits, DecodeState(cache, attention_mask)
+
+    def decode(
+        self, state: DecodeState, next_tokens: torch.Tensor
+    ) -> Tuple[torch.Tensor, DecodeState]:
+        """One decoding step: ``next_tokens`` ``[batch, 1]`` -> logits ``[batch, 1, vocab]``."""
+        ones = torch.ones_like(next_tokens, dtype=state.attention_mask.dtype)
+        mask = torch.cat([state.attention_mask, ones], dim=1)
+        if self.kind == "hooked":
+            logits = self.model(next_tokens, attention_mask=ones, past_kv_cache=state.cache)
+            return logits, DecodeState(state.cache, mask)
+        logits, cache = self.model(
+            next_tokens,
+            return_type="logits_and_cache",
+            attention_mask=mask,
+            past_key_values=state.cache,
+        )
+        return logits, DecodeState(cache, mask)
+
+    # ------------------------------------------------------------------ checks
+    def check_attention_editable(self) -> None:
+        """Refuse models whose attention hooks cannot change the computation.
+
+        Some TL wrappers (e.g. GPT-Neo through the bridge) fire ``hook_pattern`` after
+        the attention output is computed, so an edit there is silently discarded. We
+        zero the pattern of layer 0 on a short input and check that ``hook_z`` moves.
+        """
+        names = set(self.model.hook_dict)
+        for needed in (attn_hook(0, "attn_scores"), attn_hook(0, "pattern"), attn_hook(0, "z")):
+            if needed not in names:
+                raise UnsupportedModelError(
+                    f"this model has no hook point {needed!r}; StepFlow needs attention "
+                    "scores and patterns that hooks can edit"
+                )
+        tokens = torch.arange(1, 5, device=self.device).unsqueeze(0)
+        seen = {}
+
+        def capture(z, hook):
+            seen.setdefault("z", []).append(z.detach().clone())
+
+        def zero(pattern, hook):
+            return torch.zeros_like(pattern)
+
+        with torch.no_grad():
+            for fwd_hooks in ([(attn_hook(0, "z"), capture)], [(attn_hook(0, "pattern"), zero), (attn_hook(0, "z"), capture)]):
+                self.model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, stop_at_layer=1)
+        before, after = seen["z"]
+        if torch.equal(before, after):
+            raise UnsupportedModelError(
+                f"editing hook_pattern does not change this {type(self.model).__name__}'s "
+                "attention output (the hooks fire after attention is computed); attention "
+                "interventions would be silently discarded"
+            )
+
+
+def _is_hooked_transformer(model) -> bool:
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return False
+    return isinstance(model, HookedTransformer)
+
+
+def adapter(model) -> ModelAdapter:
+    """The `ModelAdapter` of a TL model. Cheap: it reads the config only."""
+    if not hasattr(model, "cfg") or not hasattr(model, "hook_dict"):
+        raise UnsupportedModelError(
+            f"expected a TransformerLens model (TransformerBridge or HookedTransformer), "
+            f"got {type(model).__name__}"
+        )
+    return ModelAdapter(model)
+
+
+def tokenizer_of(model_or_tokenizer) -> Any:
+    """The tokenizer of a TL model, or the argument itself if it is a tokenizer."""
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", None)
+    if tokenizer is not None:
+        return tokenizer
+    if hasattr(model_or_tokenizer, "encode") and hasattr(model_or_tokenizer, "decode"):
+        return model_or_tokenizer
+    raise TypeError(
+        f"expected a TransformerLens model or a Hugging Face tokenizer, "
+        f"got {type(model_or_tokenizer).__name__}"
+    )
+
+
+def add_permanent_hook(hook_point, fn, dir: str = "fwd"):
+    """Add ``fn`` to a HookPoint as a permanent hook and return its handle.
+
+    Permanent, so a user's ``reset_hooks()`` or ``run_with_hooks`` cannot strip the
+    plugin's internal hooks mid-analysis. TL 3.9's ``add_hook`` returns None, so the
+    handle is read back from the hook point's list (appended last).
+    """
+    hook_point.add_hook(fn, dir=dir, is_permanent=True)
+    return (hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks)[-1]
+
+
+def remove_hook(hook_point, handle, dir: str = "fwd") -> None:
+    """Remove one hook added by `add_permanent_hook`, leaving all others alone."""
+    handle.hook.remove()
+    handles = hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks
+    if handle in handles:
+        handles.remove(handle)
+
+
+class PermanentHooks:
+    """Context manager: install ``[(hook_name, fn), ...]`` as permanent forward hooks,
+    and remove exactly those on exit, whatever the exit path."""
+
+    def __init__(self, model, fwd_hooks):
+        self.model = model
+        self.fwd_hooks = list(fwd_hooks)
+        self._installed: list = []
+
+    def __enter__(self):
+        hook_dict = self.model.hook_dict
+        try:
+            for name, fn in self.fwd_hooks:
+                if name not in hook_dict:
+                    raise UnsupportedModelError(f"this model has no hook point {name!r}")
+                point = hook_dict[name]
+                self._installed.append((point, add_permanent_hook(point, fn)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        while self._installed:
+            point, handle = self._installed.pop()
+            remove_hook(point, handle)
+        return False

@@ -1,0 +1,111 @@
+"""Pooling token-level ``[..., q, k]`` tensors into step-level ``[..., step_q, step_k]``.
+
+This is the one pooling implementation: Step-Saliency (dense and bounded),
+saliency from a user's cache, gradient-free step attention and the
+``hook_step_pattern`` hook points all call it.
+
+Three reductions over the block of token pairs ``(t, k)`` with ``t`` in step ``i`` and
+``k`` in step ``j``:
+
+- ``"mean"``: mean over the whole block, ``|i| * |j|`` pairs, causally masked zeros
+  included (the paper's choice);
+- ``"causal_mean"``: mean over the pairs with ``k <= t`` only (blocks with no such
+  pair are 0);
+- ``"mass"``: sum over ``k``, mean over ``t``: the attention mass a query step sends to a
+  key step (what ``hook_step_pattern`` shows).
+
+Tokens with step ``-1`` (template markup) belong to no block.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Pool = Literal["mean", "causal_mean", "mass"]
+POOLS = ("mean", "causal_mean", "mass")
+
+
+def step_onehot(token_steps: torch.Tensor, n_steps: int, dtype=torch.float64) -> torch.Tensor:
+    """``[pos, step]`` indicator matrix; rows of markup tokens (step -1) are zero."""
+    token_steps = token_steps.long()
+    onehot = torch.zeros(token_steps.shape[0], n_steps, dtype=dtype, device=token_steps.device)
+    inside = token_steps >= 0
+    onehot[inside.nonzero(as_tuple=True)[0], token_steps[inside]] = 1
+    return onehot
+
+
+def block_sums(
+    x: torch.Tensor, q_onehot: torch.Tensor, k_onehot: torch.Tensor, chunk: int = 4
+) -> torch.Tensor:
+    """Sum of ``x`` over each (query step, key step) block, accumulated in float64.
+
+    Args:
+        x: ``[..., q, k]`` token-level values (any float dtype).
+        q_onehot: ``[q, step]`` indicator of the query rows present in ``x``.
+        k_onehot: ``[k, step]`` indicator of the key columns.
+        chunk: leading slices converted to float64 at a time, to bound memory.
+
+    Returns:
+        ``[..., step, step]`` float64 block sums.
+    """
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = []
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start : start + chunk].to(torch.float64)
+        out.append(q_onehot.T @ (part @ k_onehot))
+    return torch.cat(out).reshape(*lead, q_onehot.shape[1], k_onehot.shape[1])
+
+
+def pair_counts(token_steps: torch.Tensor, n_steps: int, pool: Pool) -> torch.Tensor:
+    """``[step, step]`` float64 divisor of each block for ``pool``."""
+    onehot = step_onehot(token_steps, n_steps)
+    sizes = onehot.sum(0)
+    if pool == "mean":
+        return sizes[:, None] * sizes[None, :]
+    if pool == "mass":
+        return sizes[:, None].expand(n_steps, n_steps).clone()
+    if pool == "causal_mean":
+        # keys of step j at or before position t, summed over t in step i
+        return onehot.T @ torch.cumsum(onehot, dim=0)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def normalise_blocks(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Divide block sums by their pair counts; empty blocks give 0, not NaN."""
+    counts = counts.to(sums.device)
+    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+
+
+def pool_to_steps(
+    x: torch.Tensor,
+    token_steps: torch.Tensor,
+    n_steps: int | None = None,
+    pool: Pool = "mean",
+) -> torch.Tensor:
+    """Pool a token-level tensor to steps.
+
+    Args:
+        x: ``[..., q, k]`` with ``q == k == len(token_steps)`` (a full square map).
+        token_steps: ``[pos]`` step index per token, -1 for markup.
+        n_steps: number of steps (default ``token_steps.max() + 1``).
+        pool: ``"mean"``, ``"causal_mean"`` or ``"mass"`` (see module docstring).
+
+    Returns:
+        ``[..., step_q, step_k]`` float64.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if x.shape[-1] != x.shape[-2] or x.shape[-1] != token_steps.shape[0]:
+        raise ValueError(
+            f"expected x of shape [..., {token_steps.shape[0]}, {token_steps.shape[0]}] "
+            f"to match token_steps, got {tuple(x.shape)}"
+        )
+    token_steps = token_steps.to(x.device)
+    if n_steps is None:
+        n_steps = int(token_steps.max()) + 1
+    onehot = step_onehot(token_steps, n_steps)
+    sums = block_sums(x, onehot, onehot)
+    return normalise_blocks(sums, pair_counts(token_steps, n_steps, pool))
