@@ -12,10 +12,11 @@ Both are real ``HookPoint`` modules, so ``run_with_hooks``, ``run_with_cache`` a
 ``model.hooks()`` take them like any other name. Editing them edits the model:
 
 - a new step pattern ``P'`` reweights the token-level pattern block by block,
-  ``A'[t, k] = A[t, k] * P'[i, j] / P[i, j]`` for ``t`` in step ``i``, ``k`` in step ``j``
-  (markup rows and columns keep weight 1), then renormalises each row. That is the
-  same as adding ``log(P'/P)`` to the pre-softmax scores, so ``P'[..., j] = 0`` is a
-  step knockout;
+  ``A'[t, k] ~ A[t, k] * P'[i, j] / P[i, j]`` for ``t`` in step ``i``, ``k`` in step ``j``
+  (markup rows and columns keep weight 1), renormalised per row. It is applied as
+  ``log(P'/P)`` added to the pre-softmax scores (``hook_attn_scores``), so the model's
+  own softmax does the renormalising and ``P'[..., j] = 0`` is exactly the token-level
+  knockout (scores set to -inf);
 - a new step residual adds ``resid'[s] - resid[s]`` to every token of step ``s``.
 
 The pooled tensors are only computed when something is hooked on the step hook
@@ -94,7 +95,7 @@ class attach_trace:
                 block = self.model.blocks[layer]
                 pattern_point = self._add_point(attn, STEP_PATTERN, step_pattern_name(layer))
                 resid_point = self._add_point(block, STEP_RESID, step_resid_name(layer))
-                internal.append((attn_hook(layer, "pattern"), self._pattern_hook(pattern_point)))
+                internal.append((attn_hook(layer, "attn_scores"), self._scores_hook(pattern_point)))
                 internal.append((block_hook(layer, "resid_post"), self._resid_hook(resid_point)))
             self._refresh_registry()
             self._hooks = PermanentHooks(self.model, internal).__enter__()
@@ -144,22 +145,23 @@ class attach_trace:
                 f"{n_pos}; run exactly trace.token_ids while the trace is attached"
             )
 
-    def _pattern_hook(self, point: HookPoint):
-        def hook(pattern: torch.Tensor, hook):
+    def _scores_hook(self, point: HookPoint):
+        def hook(scores: torch.Tensor, hook):
             if not point.fwd_hooks:
                 return None
-            self._check_length(pattern.shape[-1], hook.name)
+            self._check_length(scores.shape[-1], hook.name)
+            pattern = torch.softmax(scores.float(), dim=-1)
             sums = block_sums(pattern, self._onehot, self._onehot)
             step_pattern = normalise_blocks(sums, self._mass_counts).to(pattern.dtype)
             edited = point(step_pattern.clone())
             if torch.equal(edited, step_pattern):
                 return None
-            return self._reweight(pattern, step_pattern, edited, point.name)
+            return scores + self._log_factor(step_pattern, edited, point.name).to(scores.dtype)
 
         return hook
 
-    def _reweight(self, pattern, old, new, name):
-        """Apply a step-level edit to ``pattern [b, h, q, k]`` as block reweighting."""
+    def _log_factor(self, old, new, name) -> torch.Tensor:
+        """``[b, h, q, k]`` log reweighting of the token blocks for a step-level edit."""
         if new.shape != old.shape:
             raise StepflowError(f"{name}: expected a tensor of shape {tuple(old.shape)}, got {tuple(new.shape)}")
         old64, new64 = old.double(), new.double()
@@ -171,13 +173,11 @@ class attach_trace:
         if bool((new64 < 0).any()) or not bool(torch.isfinite(new64).all()):
             raise StepflowError(f"{name}: step pattern entries must be finite and >= 0")
         ratio = torch.where(old64 > 0, new64 / torch.where(old64 > 0, old64, 1), 1.0)
-        ratio = torch.nn.functional.pad(ratio, (0, 1, 0, 1), value=1.0)  # markup row/column
-        factor = ratio[:, :, self._ext_index][:, :, :, self._ext_index]
-        weighted = pattern.double() * factor
-        row_sums = weighted.sum(-1, keepdim=True)
-        if bool((row_sums == 0).any()):
+        log_ratio = torch.nn.functional.pad(ratio.log(), (0, 1, 0, 1), value=0.0)  # markup: weight 1
+        log_factor = log_ratio[:, :, self._ext_index][:, :, :, self._ext_index]
+        if bool(torch.isinf(log_factor).all(-1).any()):
             raise StepflowError(f"{name}: the edit removes all attention from some query tokens")
-        return (weighted / row_sums).to(pattern.dtype)
+        return log_factor
 
     def _resid_hook(self, point: HookPoint):
         def hook(resid: torch.Tensor, hook):

@@ -204,7 +204,9 @@ def answer_token_positions(trace) -> torch.Tensor:
             )
         span = (match.end(), len(text.rstrip()))
     a, b = start + span[0], start + span[1]
-    offsets = torch.as_tensor(trace.token_offsets)
+    if trace.token_offsets is None:
+        raise StepflowError("loss='answer' needs token offsets; rebuild the trace with Trace.from_text/from_parts")
+    offsets = trace.token_offsets
     return ((offsets[:, 0] < b) & (offsets[:, 1] > a)).nonzero()[:, 0]
 
 

@@ -11,16 +11,19 @@ def hf_attention_and_grads(hf_model, token_ids, loss_positions=None):
     """Per layer ``(A, dL/dA)`` as float64 ``[head, q, k]`` from an eager HF model.
 
     The loss is the mean next-token cross-entropy over ``loss_positions`` (targets;
-    default every token after the first).
+    default every token after the first: then it is transformers' own ``labels=`` loss).
     """
     ids = token_ids[None]
-    out = hf_model(ids, output_attentions=True, use_cache=False)
-    attentions = out.attentions
-    logp = torch.log_softmax(out.logits[0].double(), -1)
     if loss_positions is None:
-        loss_positions = torch.arange(1, ids.shape[1])
-    loss_positions = loss_positions[loss_positions > 0]
-    loss = -logp[loss_positions - 1, token_ids[loss_positions]].mean()
+        out = hf_model(ids, labels=ids, output_attentions=True, use_cache=False)
+        loss = out.loss
+    else:
+        out = hf_model(ids, output_attentions=True, use_cache=False)
+        loss_positions = loss_positions[loss_positions > 0]
+        loss = torch.nn.functional.cross_entropy(
+            out.logits[0, loss_positions - 1].float(), token_ids[loss_positions]
+        )
+    attentions = out.attentions
     grads = torch.autograd.grad(loss, attentions)
     return [(a[0].detach().double(), g[0].double()) for a, g in zip(attentions, grads)]
 

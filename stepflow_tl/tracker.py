@@ -1,0 +1,437 @@
+"""Online step tracking during generation: one token id at a time.
+
+:class:`StepTracker` turns the generated token stream into the segmentation that
+:meth:`stepflow_tl.segment.Trace.from_text` would give the same text: same markup
+rules, same step boundaries, same token -> step rule (a token belongs to the step its
+first character lies in). Cost per ``push`` is O(new characters) for the built-in
+splits; a user callable is re-run on the current segment at each push (O(segment)).
+
+Some decisions need characters that arrive later. ``</think>`` may come as several
+tokens (``<``, ``think``, ``>``), and a plain-format summary marker (``Answer:``)
+moves the summary start back to the beginning of its line. When such a pattern
+completes, the tracker rewinds to where it starts and re-labels the tokens from
+there, so ``token_steps`` always ends up equal to the offline segmentation; labels
+(and ``new_step`` events) of those few tokens given earlier are provisional. With
+tokenizers where the tags are single tokens (DeepSeek-R1, GPT-OSS) no rewind happens
+for tags.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from .backend import tokenizer_of
+from .errors import TraceError
+from .segment import (
+    FORMATS,
+    HARMONY_END_TAGS,
+    HARMONY_HEAD_TAGS,
+    HARMONY_MESSAGE,
+    KINDS,
+    SENTENCE_CLOSERS,
+    SENTENCE_END,
+    SUMMARY_MARKERS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    SplitSpec,
+    _check_split,
+    _harmony_channel_mode,
+    decode,
+    harmony_initial_mode,
+    special_strings,
+    step_starts,
+)
+
+_REPLACEMENT = "\ufffd"
+# How many prompt tokens to keep as decoding context (spacing of the first new token).
+_CONTEXT_TOKENS = 4
+
+# Indices into the parser state list (kept as a flat list so a snapshot is one tuple).
+_SEG, _MODE, _HAS, _CUR, _GAP_NL, _GAP_WS, _TERM, _NRAW, _LINE, _HEAD, _OPENED, _FLOOR, _SEG0 = range(13)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """``new_step``: token ``position`` is the first token of step ``step``.
+    ``segment_change``: from token ``position`` on, generation is in ``segment``."""
+
+    kind: str
+    position: int
+    step: int
+    segment: str
+    previous_segment: Optional[str]
+
+
+class StepTracker:
+    """Tracks segments and steps of a generation, token by token.
+
+    ``prompt_ids``: the prompt token ids (positions 0..len-1). ``question_positions``:
+    absolute positions of the question tokens in the prompt (they form step 0); get
+    them with :func:`prompt_positions`. Generated tokens get positions from
+    ``len(prompt_ids)`` on. ``start_segment``: the segment generation starts in.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        format: str = "r1",
+        split: SplitSpec = "blank_lines",
+        split_summary: bool = False,
+        prompt_ids: Sequence[int] = (),
+        question_positions: Sequence[int] = (),
+        start_segment: str = "thinking",
+        prompt_text: Optional[str] = None,
+    ):
+        self.tokenizer = tokenizer_of(tokenizer)
+        if format not in FORMATS:
+            raise TraceError(f"format must be one of {FORMATS}, got {format!r}")
+        if start_segment not in ("thinking", "summary"):
+            raise TraceError(f"start_segment must be 'thinking' or 'summary', got {start_segment!r}")
+        _check_split(split)
+        self.format = format
+        self.split = split
+        self.split_summary = split_summary
+        self._ids: List[int] = [int(i) for i in prompt_ids]
+        self.n_prompt = len(self._ids)
+        qpos = sorted(int(p) for p in question_positions)
+        if qpos and (qpos[0] < 0 or qpos[-1] >= self.n_prompt):
+            raise TraceError(f"question_positions must lie in the prompt (0..{self.n_prompt - 1})")
+        self.token_steps: List[int] = [-1] * self.n_prompt
+        for p in qpos:
+            self.token_steps[p] = 0
+        self._q = 1 if qpos else 0  # number of question steps (step indices start after them)
+        self._kind_pos: Dict[str, List[int]] = {k: [] for k in KINDS}
+        self._kind_pos["question"] = qpos
+        self._step_pos: List[List[int]] = [list(qpos)] if qpos else []
+        self._step_kind: List[str] = ["question"] if qpos else []
+
+        # incremental detokenisation (offset window, as in HF's TextStreamer)
+        self._prefix = max(0, self.n_prompt - _CONTEXT_TOKENS)
+        self._read = self.n_prompt
+        self._prefix_text = decode(self.tokenizer, self._ids[self._prefix:self._read])
+        self._window_done = 0  # chars of the window beyond _prefix_text already committed
+
+        # character-level parse of the generated text
+        self._chars: List[str] = []
+        self._label: List[int] = []  # raw step id per char, -1 markup
+        self._snaps: List[tuple] = []  # parser state before each char
+        self._raw_kind: List[str] = []
+        self._tstart: List[int] = []  # first char of each generated token
+        self._raw_final: Dict[int, int] = {}
+        self._final_first: List[int] = []  # generated-token index of each step's first token
+        self._final_raw: List[int] = []  # raw step id of each generated step
+        self._popped: Dict[int, int] = {}  # steps undone during this push -> their first token
+        self._split_cache = None
+        # first position whose label the last push set or revised (== the new token's
+        # position unless a multi-token pattern completed)
+        self.changed_from = self.n_prompt
+
+        if prompt_text is None:
+            prompt_text = decode(self.tokenizer, self._ids)
+        mode, seg = "content", start_segment
+        if format == "harmony":
+            initial = harmony_initial_mode(prompt_text)
+            if initial in ("header", "skip"):
+                mode = initial
+            else:
+                seg = initial
+        self._st = [seg, mode, False, -1, 0, False, False, 0, 0, 0, False, 0, 0]
+        self._specials = special_strings(self.tokenizer)
+        self._tags = self._tag_table()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def n_tokens(self) -> int:
+        return len(self._ids)
+
+    @property
+    def current_segment(self) -> str:
+        return self._st[_SEG]
+
+    @property
+    def current_step(self) -> int:
+        """Index of the latest step started (-1 before any)."""
+        return len(self._step_kind) - 1
+
+    @property
+    def step_kinds(self) -> List[str]:
+        return list(self._step_kind)
+
+    @property
+    def text(self) -> str:
+        """The generated text decoded so far (without an incomplete trailing character)."""
+        return "".join(self._chars)
+
+    def positions(self, kind: str) -> List[int]:
+        """Absolute token positions so far whose step is of ``kind``."""
+        if kind not in KINDS:
+            raise TraceError(f"kind must be one of {KINDS}, got {kind!r}")
+        return list(self._kind_pos[kind])
+
+    def step_positions(self, step_index: int) -> List[int]:
+        """Absolute token positions of step ``step_index`` so far."""
+        if not 0 <= step_index < len(self._step_pos):
+            raise TraceError(f"no step {step_index} yet (steps so far: {len(self._step_pos)})")
+        return list(self._step_pos[step_index])
+
+    def push(self, token_id: int) -> List[StepEvent]:
+        """Append one generated token; returns the events it causes."""
+        seg_before = self._st[_SEG]
+        n_before = len(self._step_kind)
+        self._popped = {}
+        pos = len(self._ids)
+        self._ids.append(int(token_id))
+        self._tstart.append(self._token_start(pos))
+        dirty = min(self._commit_new_text(), len(self._tstart) - 1)
+        self._relabel(dirty)
+        self.changed_from = self.n_prompt + dirty
+        events: List[StepEvent] = []
+        if self._st[_SEG] != seg_before:
+            events.append(StepEvent("segment_change", pos, self.current_step, self._st[_SEG], seg_before))
+        first_new = min([n_before] + list(self._popped))
+        for step in range(first_new, len(self._step_kind)):
+            first = self._final_first[step - self._q]
+            if self._popped.get(step) != first:
+                events.append(StepEvent("new_step", self.n_prompt + first, step, self._step_kind[step], None))
+        return events
+
+    def extend(self, token_ids: Sequence[int]) -> List[StepEvent]:
+        """``push`` each id in turn; all events."""
+        out: List[StepEvent] = []
+        for t in token_ids:
+            out += self.push(t)
+        return out
+
+    # ------------------------------------------------------------------ detokenisation
+    def _token_start(self, pos: int) -> int:
+        """Output char index of the first character of token ``pos`` (which may still be
+        an incomplete multi-byte character)."""
+        base = len(self._chars) - self._window_done
+        if self._read == pos:
+            return base
+        before = decode(self.tokenizer, self._ids[self._prefix:pos])
+        rel = len(before) - len(self._prefix_text)
+        if before.endswith(_REPLACEMENT) and rel > 0:
+            rel -= 1
+        return base + rel
+
+    def _commit_new_text(self) -> int:
+        """Decode the window, parse the newly complete characters. Returns the first
+        generated-token index whose label may have changed."""
+        full = decode(self.tokenizer, self._ids[self._prefix:])
+        pending = full.endswith(_REPLACEMENT)
+        end = len(full) - 1 if pending else len(full)
+        new = full[len(self._prefix_text) + self._window_done:end]
+        dirty_char = len(self._chars)
+        for c in new:
+            dirty_char = min(dirty_char, self._feed(c))
+        if pending:
+            self._window_done += len(new)
+        else:
+            self._prefix, self._read = self._read, len(self._ids)
+            self._prefix_text = decode(self.tokenizer, self._ids[self._prefix:self._read])
+            self._window_done = 0
+        return bisect.bisect_left(self._tstart, dirty_char)
+
+    # ------------------------------------------------------------------ parsing
+    def _tag_table(self):
+        """Per last character: (pattern, action) pairs, longest first."""
+        pats = []
+        if self.format == "r1":
+            pats += [(THINK_CLOSE, "close"), (THINK_OPEN, "open")]
+        elif self.format == "harmony":
+            pats += [(t, "h_end") for t in HARMONY_END_TAGS] + [(t, "h_head") for t in HARMONY_HEAD_TAGS]
+            pats += [(HARMONY_MESSAGE, "h_message"), ("<|constrain|>", "markup")]
+        else:
+            pats += [(m, "marker") for m in SUMMARY_MARKERS]
+        pats += [(s, "markup") for s in self._specials]
+        table: Dict[str, list] = {}
+        for p, a in sorted(pats, key=lambda x: -len(x[0])):
+            table.setdefault(p[-1], []).append((p, a))
+            if a == "marker":
+                table.setdefault(p[-1].upper(), []).append((p, a))
+        return table
+
+    def _feed(self, c: str) -> int:
+        """Append one character; returns the first char index whose label changed."""
+        i = len(self._chars)
+        self._chars.append(c)
+        self._process(i)
+        for pat, action in self._tags.get(c, ()):
+            n = len(pat)
+            a = i + 1 - n
+            if a < self._st[_FLOOR] or not _applies(action, self._snaps[a]):
+                continue
+            piece = "".join(self._chars[a:i + 1])
+            if (piece.lower() if action == "marker" else piece) != pat:
+                continue
+            return self._apply_tag(action, a, i)
+        return i
+
+    def _apply_tag(self, action: str, a: int, i: int) -> int:
+        """Rewind to char ``a`` and re-parse ``a..i`` knowing the pattern there."""
+        line_start = self._st[_LINE]
+        self._rewind(a)
+        st = self._st
+        header_text = "".join(self._chars[st[_HEAD]:a])
+        if action == "marker":
+            s = line_start
+            while s < a and self._chars[s].isspace():
+                s += 1
+            if s < a:
+                self._rewind(s)
+            self._new_segment("summary", s)
+            for j in range(s, i + 1):
+                self._process(j)
+            return s
+        if action == "close":
+            self._new_segment("summary", i + 1)
+        elif action == "open":
+            st[_OPENED] = True
+        elif action == "h_end" or action == "h_head":
+            st[_MODE], st[_HEAD] = "header", a
+        elif action == "h_message":
+            if st[_MODE] == "header":
+                mode = _harmony_channel_mode(header_text)
+                if mode == "skip":
+                    st[_MODE] = "skip"
+                else:
+                    st[_MODE] = "content"
+                    if mode != st[_SEG]:
+                        self._new_segment(mode, i + 1)
+        st[_FLOOR] = i + 1
+        for j in range(a, i + 1):
+            self._snaps.append(tuple(st))
+            self._label.append(-1)
+            if self._chars[j] == "\n":
+                st[_LINE] = j + 1
+        return a
+
+    def _rewind(self, a: int) -> None:
+        self._st = list(self._snaps[a])
+        del self._snaps[a:]
+        del self._label[a:]
+        del self._raw_kind[self._st[_NRAW]:]
+        self._split_cache = None
+
+    def _new_segment(self, seg: str, start: int) -> None:
+        st = self._st
+        st[_SEG], st[_MODE], st[_HAS], st[_CUR], st[_SEG0] = seg, "content", False, -1, start
+        st[_GAP_NL], st[_GAP_WS], st[_TERM] = 0, False, False
+
+    def _process(self, i: int) -> None:
+        """Parse char ``i`` with the current state (the state machine of the splits)."""
+        st = self._st
+        self._snaps.append(tuple(st))
+        c = self._chars[i]
+        if c == "\n":
+            st[_LINE] = i + 1
+        if st[_MODE] != "content":
+            self._label.append(-1)
+            return
+        if c.isspace():
+            self._label.append(st[_CUR] if st[_HAS] else -1)
+            if c == "\n":
+                st[_GAP_NL] += 1
+            st[_GAP_WS] = True
+            return
+        seg = st[_SEG]
+        splits = seg == "thinking" or (seg == "summary" and self.split_summary)
+        if splits and callable(self.split):
+            new = i in self._callable_starts(i)
+        elif not st[_HAS]:
+            new = True
+        elif not splits:
+            new = False
+        elif self.split == "blank_lines":
+            new = st[_GAP_NL] >= 2
+        elif self.split == "sentences":
+                new = st[_GAP_NL] >= 2 or (st[_TERM] and st[_GAP_WS])
+        if new:
+            st[_CUR] = st[_NRAW]
+            st[_NRAW] += 1
+            st[_HAS] = True
+            self._raw_kind.append(seg)
+        self._label.append(st[_CUR])
+        st[_GAP_NL], st[_GAP_WS] = 0, False
+        st[_TERM] = c in SENTENCE_END or (st[_TERM] and c in SENTENCE_CLOSERS)
+
+    def _callable_starts(self, i: int) -> set:
+        """Step starts (output char indices) of the current segment by the user's split,
+        computed once per push on the segment's content so far plus the new chars."""
+        key = (len(self._ids), self._st[_SEG0])
+        if self._split_cache is None or self._split_cache[0] != key:
+            idx = [j for j in range(self._st[_SEG0], i) if self._label[j] >= 0 or self._chars[j].isspace()]
+            idx += range(i, len(self._chars))
+            content = "".join(self._chars[j] for j in idx)
+            self._split_cache = (key, {idx[s] for s in step_starts(content, self.split)})
+        return self._split_cache[1]
+
+    # ------------------------------------------------------------------ token labels
+    def _relabel(self, k: int) -> None:
+        """Recompute the step of generated tokens ``k..`` from the character labels."""
+        cut = self.n_prompt + k
+        for p in range(len(self.token_steps) - 1, cut - 1, -1):
+            f = self.token_steps[p]
+            if f >= 0:
+                self._step_pos[f].pop()
+                self._kind_pos[self._step_kind[f]].pop()
+        del self.token_steps[cut:]
+        while self._final_first and self._final_first[-1] >= k:
+            f = len(self._step_kind) - 1
+            self._popped.setdefault(f, self._final_first.pop())
+            del self._raw_final[self._final_raw.pop()]
+            self._step_pos.pop()
+            self._step_kind.pop()
+        for t in range(k, len(self._tstart)):
+            s = self._tstart[t]
+            if s < len(self._label):
+                raw = self._label[s]
+            else:  # first character still incomplete: it will be non-whitespace content
+                st = self._st
+                raw = st[_CUR] if st[_MODE] == "content" and st[_HAS] and st[_GAP_NL] < 2 and not (
+                    self.split == "sentences" and st[_TERM] and st[_GAP_WS]) else -1
+            if raw < 0 or raw >= len(self._raw_kind):
+                self.token_steps.append(-1)
+                continue
+            final = self._raw_final.get(raw)
+            if final is None:
+                final = len(self._step_kind)
+                self._raw_final[raw] = final
+                self._final_raw.append(raw)
+                self._final_first.append(t)
+                self._step_kind.append(self._raw_kind[raw])
+                self._step_pos.append([])
+            p = self.n_prompt + t
+            self.token_steps.append(final)
+            self._kind_pos[self._step_kind[final]].append(p)
+            self._step_pos[final].append(p)
+
+
+def _applies(action: str, st: tuple) -> bool:
+    """Whether a pattern that starts in parser state ``st`` takes effect."""
+    seg, mode = st[_SEG], st[_MODE]
+    if action in ("close", "marker"):
+        return seg == "thinking" and mode == "content"
+    if action == "open":
+        return seg == "thinking" and mode == "content" and not st[_HAS] and not st[_OPENED]
+    if action == "h_message":
+        return True
+    return mode != "header"
+
+
+def prompt_positions(model_or_tok, prompt_text: str, question: Optional[str] = None):
+    """Token ids of ``prompt_text`` and the positions of its question tokens, by the
+    same rule as :meth:`Trace.from_text`: ``(prompt_ids, question_positions)``."""
+    from .segment import find_question, token_starts
+
+    tok = tokenizer_of(model_or_tok)
+    q0, q1 = find_question(tok, prompt_text, question)
+    enc = tok(prompt_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    starts = token_starts(enc["offset_mapping"])
+    first = q0 + len(prompt_text[q0:q1]) - len(prompt_text[q0:q1].lstrip())
+    positions = [t for t, s in enumerate(starts) if first <= s < q1]
+    return list(enc["input_ids"]), positions

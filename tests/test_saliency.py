@@ -1,0 +1,184 @@
+"""Issue 4 (maps) and issue 8 (from caches, gradient-free attention): Step-Saliency is
+exact against a brute-force transformers reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference import hf_attention_and_grads, pool_loop, reference_saliency
+from stepflow_tl import StepflowError, TraceError
+from stepflow_tl.models import load_embedded_hf, make_tiny_hf
+from stepflow_tl.saliency import (
+    StepSaliency,
+    answer_token_positions,
+    step_attention,
+    step_saliency,
+    step_saliency_from_cache,
+)
+from stepflow_tl.segment import Trace
+
+THINKING = (
+    "Anna starts with 7 apples.\n\nShe buys 5 more, so 7 + 5 = 12.\n\n"
+    "Then she gives 4 away: 12 - 4 = 8.\n\nCheck: 8 + 4 = 12, fine."
+)
+
+
+@pytest.fixture(scope="module")
+def trace(tokenizer):
+    return Trace.from_parts(
+        tokenizer, question="Anna has 7 apples, buys 5 and gives 4 away. How many are left?",
+        thinking=THINKING, summary="She has 8 apples left.\n\nAnswer: \\boxed{8}",
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_hf():
+    """A second copy of the tiny weights: TransformerBridge wraps its HF model in place."""
+    return make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _loss_positions(trace, loss):
+    if loss == "sequence":
+        return None
+    if loss == "summary":
+        return torch.isin(trace.token_steps, torch.tensor(trace.summary_steps)).nonzero()[:, 0]
+    return answer_token_positions(trace)
+
+
+@pytest.mark.parametrize("pool", ["mean", "causal_mean"])
+@pytest.mark.parametrize("mode", ["dense", "bounded"])
+@pytest.mark.parametrize("loss", ["sequence", "summary", "answer"])
+def test_matches_brute_force_reference(tiny_model, reference_hf, trace, pool, mode, loss):
+    expected = reference_saliency(reference_hf, trace, pool, _loss_positions(trace, loss))
+    result = step_saliency(tiny_model, trace, loss=loss, pool=pool, mode=mode)
+    assert result.maps.shape == (3, trace.n_steps, trace.n_steps)
+    assert result.maps.dtype == torch.float64
+    assert _rel(result.maps, expected) < 1e-6
+
+
+def test_callable_loss_and_per_head_maps(tiny_model, reference_hf, trace):
+    last = trace.token_ids.shape[0] - 1
+
+    def last_token_loss(logits, trace):
+        return -torch.log_softmax(logits[0, last - 1], -1)[trace.token_ids[last]]
+
+    result = step_saliency(tiny_model, trace, loss=last_token_loss, per_head=True)
+    per_head = [
+        pool_loop((a * g).abs(), trace.token_steps, trace.n_steps, "mean")
+        for a, g in hf_attention_and_grads(reference_hf, trace.token_ids, torch.tensor([last]))
+    ]
+    assert result.head_maps.shape == (3, 4, trace.n_steps, trace.n_steps)
+    assert _rel(result.head_maps, torch.stack(per_head)) < 1e-6
+    assert torch.allclose(result.maps, result.head_maps.mean(1))
+    assert result.loss == "last_token_loss"
+
+
+def test_layers_subset_and_no_side_effects(tiny_model, trace):
+    full = step_saliency(tiny_model, trace)
+    part = step_saliency(tiny_model, trace, layers=[2, 1], mode="bounded")
+    assert part.layers == [1, 2]
+    assert _rel(part.maps, full.maps[1:]) < 1e-9
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert sum(len(h.fwd_hooks) + len(h.bwd_hooks) for h in tiny_model.hook_dict.values()) == 0
+    assert all("forward" not in vars(b) for b in tiny_model.blocks)
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("pool", ["mean", "causal_mean"])
+def test_matches_reference_on_smollm2(smollm2, trace, pool):
+    hf, _ = load_embedded_hf()
+    expected = reference_saliency(hf, trace, pool)
+    dense = step_saliency(smollm2, trace, pool=pool)
+    bounded = step_saliency(smollm2, trace, pool=pool, mode="bounded")
+    assert _rel(dense.maps, expected) < 1e-6
+    assert _rel(bounded.maps, expected) < 1e-6
+
+
+@pytest.mark.smollm2
+def test_hooked_and_bridge_agree_on_smollm2(smollm2, smollm2_hooked, trace):
+    bridge = step_saliency(smollm2, trace, layers=range(0, 30, 3))
+    hooked = step_saliency(smollm2_hooked, trace, layers=range(0, 30, 3))
+    assert _rel(hooked.maps, bridge.maps) < 1e-4
+
+
+def test_from_cache_equals_step_saliency(tiny_model, trace):
+    _, cache = tiny_model.run_with_cache(
+        trace.token_ids[None], return_type="loss", incl_bwd=True,
+        names_filter=lambda name: name.endswith("hook_pattern"),
+    )
+    tiny_model.zero_grad(set_to_none=True)
+    from_cache = step_saliency_from_cache(cache, trace)
+    direct = step_saliency(tiny_model, trace)
+    assert from_cache.layers == [0, 1, 2]
+    assert _rel(from_cache.maps, direct.maps) < 1e-6
+
+
+def test_from_cache_errors_name_what_is_missing(tiny_model, trace, tokenizer):
+    _, no_grads = tiny_model.run_with_cache(trace.token_ids[None], names_filter=lambda n: n.endswith("hook_pattern"))
+    with pytest.raises(StepflowError, match=r"hook_pattern_grad.*incl_bwd=True"):
+        step_saliency_from_cache(no_grads, trace)
+    _, only_resid = tiny_model.run_with_cache(trace.token_ids[None], names_filter=lambda n: n.endswith("resid_post"))
+    with pytest.raises(StepflowError, match="has no 'blocks"):
+        step_saliency_from_cache(only_resid, trace)
+    with pytest.raises(StepflowError, match=r"blocks.1.attn.hook_pattern_grad"):
+        step_saliency_from_cache(no_grads, trace, layers=[1])
+    other = Trace.from_parts(tokenizer, question="Short?", thinking="One.\n\nTwo.", summary="Three.")
+    with pytest.raises(StepflowError, match="another input"):
+        step_attention(no_grads, other)
+
+
+@pytest.mark.parametrize("pool", ["mass", "mean", "causal_mean"])
+def test_step_attention_equals_pooled_cache_patterns(tiny_model, trace, pool):
+    _, cache = tiny_model.run_with_cache(trace.token_ids[None], names_filter=lambda n: n.endswith("hook_pattern"))
+    expected = torch.stack([
+        pool_loop(cache[f"blocks.{l}.attn.hook_pattern"][0], trace.token_steps, trace.n_steps, pool).mean(0)
+        for l in range(3)
+    ])
+    from_model = step_attention(tiny_model, trace, pool=pool)
+    from_cache = step_attention(cache, trace, pool=pool)
+    assert from_model.map_kind == from_cache.map_kind == "attention"
+    assert _rel(from_model.maps, expected) < 1e-6
+    assert _rel(from_cache.maps, expected) < 1e-6
+
+
+def test_save_load_dataframe_and_row_normalised(tiny_bridge, trace, tmp_path):
+    result = step_saliency(tiny_bridge, trace, per_head=True)
+    path = result.save(tmp_path / "maps")
+    loaded = StepSaliency.load(path)
+    assert torch.equal(loaded.maps, result.maps) and torch.equal(loaded.head_maps, result.head_maps)
+    assert (loaded.layers, loaded.step_labels, loaded.pool) == (result.layers, result.step_labels, result.pool)
+    frame = result.to_dataframe()
+    assert len(frame) == 3 * trace.n_steps ** 2
+    assert set(frame.kind_q) == {"question", "thinking", "summary"}
+    rows = result.row_normalised().sum(-1)
+    assert torch.allclose(rows[rows > 0], torch.ones_like(rows[rows > 0]))
+
+
+def test_bad_input_gets_clear_errors(tiny_bridge, trace, tokenizer):
+    one_step = Trace.from_parts(tokenizer, question="Q?", thinking="", summary=None, allow_no_thinking=True)
+    assert one_step.n_steps == 1
+    with pytest.raises(StepflowError, match="at least two steps"):
+        step_saliency(tiny_bridge, one_step)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        step_saliency(tiny_bridge, trace, pool="max")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        step_saliency(tiny_bridge, trace, loss="tokens")
+
+    def nan_gradient(logits, trace):  # value 0, gradient NaN: what fp16 overflow looks like
+        x = logits[0, -1, 0]
+        return (x - x.detach()).abs().sqrt()
+
+    with pytest.raises(StepflowError, match="non-finite"):
+        step_saliency(tiny_bridge, trace, loss=nan_gradient)
+    assert sum(len(h.fwd_hooks) for h in tiny_bridge.hook_dict.values()) == 0
+
+
+def test_trace_from_another_tokenizer_is_refused(tiny_bridge, trace):
+    foreign = Trace.from_dict({**trace.to_dict(), "tokenizer_fingerprint": "someone-else"})
+    with pytest.raises(TraceError):
+        step_saliency(tiny_bridge, foreign)
