@@ -238,7 +238,7 @@ class Diagnostics:
             f"{b} {v[0]}-{v[-1]}" if v else f"{b} none" for b, v in self.bands.items()
         )
         heads = "  " + "  ".join(f"{h}={getattr(self, h):.4g}" for h in self.HEADLINES)
-        table = self.per_layer.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        table = self.per_layer.to_string(index=False, float_format=lambda v: f"{v:.4g}")
         lines = [head, bands, heads, table]
         if self.notes:
             lines.append("  notes:")
