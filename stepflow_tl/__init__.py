@@ -16,7 +16,16 @@ reads like the method:
 from .backend import adapter
 from .diagnostics import Diagnostics, compare, diagnose
 from .errors import ModelLoadError, StepflowError, TraceError, UnsupportedModelError
+from .generate import Generation, generate
 from .hookpoints import attach_trace
+from .interventions import (
+    MatchedLogitNoise,
+    OddsEqualBridge,
+    RandomBridge,
+    RandomMomentum,
+    StepFlow,
+    StepMomentum,
+)
 from .models import load_model, model_info
 from .pooling import pool_to_steps
 from .saliency import StepSaliency, step_attention, step_saliency, step_saliency_from_cache

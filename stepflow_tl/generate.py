@@ -1,0 +1,352 @@
+"""KV-cached generation on both TL backends, with StepFlow interventions.
+
+`generate` runs a batch of prompts (left-padded) token by token through
+``adapter(model).prefill/decode``, tracks the step structure of every row online
+with a `StepTracker`, hands it to the interventions as a `StepState` (device
+tensors, one column appended per token) and returns one `Generation` per prompt.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from .backend import adapter, tokenizer_of
+from .errors import StepflowError
+from .interventions import (
+    InterventionEvent,
+    RowSteps,
+    StepState,
+    apply_interventions,
+    extend_row,
+)
+
+FORMATS = ("auto", "r1", "plain", "harmony")
+
+
+@dataclass
+class Generation:
+    """One generated row.
+
+    Attributes:
+        prompt: the rendered prompt text the model saw.
+        text: the generated text (stop string and EOS excluded).
+        trace: `Trace` of prompt plus output (``Trace.from_text``). It re-tokenises the
+            text, which can differ from ``prompt_ids + output_ids`` where the model
+            produced a non-canonical tokenisation (random models do, trained ones rarely).
+        prompt_ids: the prompt's token ids (without padding).
+        output_ids: generated token ids (including the EOS / the tokens of a stop
+            string, which ended generation).
+        events: what each intervention did (`InterventionEvent`; ``position`` indexes
+            ``prompt_ids + output_ids``).
+        stop_reason: ``"eos"``, ``"stop"`` (a stop string) or ``"length"``.
+        seed: the row's seed (from the call's seed and the prompt index).
+        prefill_s, decode_s: wall time of the batch's prefill and decoding loop.
+        tokens_per_s: this row's output tokens / decode_s.
+    """
+
+    prompt: str
+    text: str
+    trace: object
+    prompt_ids: List[int]
+    output_ids: List[int]
+    events: List[InterventionEvent]
+    stop_reason: str
+    seed: int
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    format: str = "plain"
+    interventions: List[str] = field(default_factory=list)
+
+    def to_dataframe(self):
+        """The event log as a pandas DataFrame (one row per layer x query that fired)."""
+        import pandas as pd
+
+        cols = list(InterventionEvent.__dataclass_fields__)
+        return pd.DataFrame([asdict(e) for e in self.events], columns=cols)
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (the trace as ``Trace.to_dict()``)."""
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "prompt_ids": list(self.prompt_ids),
+            "output_ids": list(self.output_ids),
+            "stop_reason": self.stop_reason,
+            "seed": self.seed,
+            "format": self.format,
+            "interventions": list(self.interventions),
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "tokens_per_s": self.tokens_per_s,
+            "n_events": len(self.events),
+            "events": [asdict(e) for e in self.events],
+            "trace": self.trace.to_dict() if hasattr(self.trace, "to_dict") else None,
+        }
+
+
+def row_seed(seed: int, index: int) -> int:
+    """Seed of prompt ``index`` in a call with ``seed``: depends on nothing else, so a
+    row replays exactly whatever batch it is in."""
+    return (int(seed) * 1_000_003 + int(index) * 7_919 + 12_345) % (2 ** 62)
+
+
+def render_prompt(tokenizer, question: str, *, chat: bool = True, system: Optional[str] = None) -> str:
+    """The prompt text: the chat template with the generation prompt (the same
+    rendering as `stepflow_tl.segment.render_prompt`), or ``question`` as is when
+    ``chat=False``."""
+    from .segment import render_prompt as render_chat
+
+    return render_chat(tokenizer, question, system=system) if chat else question
+
+
+def resolve_format(tokenizer, prompt_text: str, format: str) -> str:
+    """``"auto"``: harmony if the template uses ``<|channel|>``, r1 if it or the
+    prompt uses ``<think>``, otherwise plain (thinking until a summary marker)."""
+    if format not in FORMATS:
+        raise StepflowError(f"format must be one of {FORMATS}, got {format!r}")
+    if format != "auto":
+        return format
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    if "<|channel|>" in template or "<|channel|>" in prompt_text:
+        return "harmony"
+    if "<think>" in template or "<think>" in prompt_text:
+        return "r1"
+    return "plain"
+
+
+def _question_in(tokenizer, prompt_text: str, question: Optional[str]) -> str:
+    """The question text to locate in a rendered prompt: the given one, else the last
+    user message found through the chat template, else the whole prompt."""
+    from .segment import find_question
+
+    if question is not None:
+        return question
+    try:
+        q0, q1 = find_question(tokenizer, prompt_text, None)
+        return prompt_text[q0:q1]
+    except StepflowError:
+        return prompt_text
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token id from ``logits`` ``[vocab]`` (fp32), nucleus-filtered."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        filtered = torch.zeros_like(probs).scatter(0, order, sorted_probs * keep)
+        probs = filtered / filtered.sum()
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+class _RowTracker:
+    """A `StepTracker` for one row plus the per-token lists its `StepState` rows come from."""
+
+    def __init__(self, tokenizer, fmt: str, split: str, prompt_text: str, question: Optional[str]):
+        from .tracker import StepTracker, prompt_positions
+
+        ids, qpos = prompt_positions(tokenizer, prompt_text, question)
+        self.prompt_ids = ids
+        self.tracker = StepTracker(
+            tokenizer, format=fmt, split=split, prompt_ids=ids, question_positions=qpos,
+            start_segment="thinking", prompt_text=prompt_text,
+        )
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.kinds = self.tracker.step_kinds
+        self.row = extend_row(RowSteps(), self.tracker.token_steps, self.kinds)
+
+    def push(self, token_id: int) -> bool:
+        """Feed the token about to be run; True when earlier positions were re-labelled
+        (the tracker rewinds when a multi-token tag completes) and the row was rebuilt."""
+        self.tracker.push(int(token_id))
+        steps, kinds = self.tracker.token_steps, self.tracker.step_kinds
+        n = len(self.row.step_id)
+        if steps[:n] != self.row.step_id or kinds[: len(self.kinds)] != self.kinds:
+            self._rebuild()
+            return True
+        self.kinds = kinds
+        extend_row(self.row, steps[n:], kinds)
+        return False
+
+    def column(self):
+        r = self.row
+        return r.segment_code[-1], r.step_id[-1], r.current_segment[-1], r.new_step[-1]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Union[str, Sequence[str]],
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    interventions: Sequence = (),
+    stop: Sequence[str] = (),
+    format: str = "auto",
+    chat: bool = True,
+    system: Optional[str] = None,
+    split: str = "blank_lines",
+    questions: Optional[Sequence[str]] = None,
+) -> List[Generation]:
+    """Generate from a batch of prompts with KV caching, optionally with interventions.
+
+    Args:
+        model: a TL model (``TransformerBridge`` or ``HookedTransformer``).
+        prompts: question strings (rendered through the chat template with the
+            generation prompt when ``chat=True``) or pre-rendered prompt texts
+            (``chat=False``).
+        max_new_tokens: token budget per row.
+        do_sample, temperature, top_p: greedy (default) or nucleus sampling; each row
+            has its own ``torch.Generator`` seeded with ``row_seed(seed, index)``.
+        interventions: `Intervention` objects (e.g. ``[StepFlow()]``), composed in order.
+        stop: stop strings (generation also stops at the tokenizer's EOS).
+        format: how thinking and summary are delimited: ``"r1"`` (``<think>``),
+            ``"plain"`` (thinking until a summary marker such as "Answer:"),
+            ``"harmony"`` or ``"auto"`` (from the chat template).
+        chat, system: prompt rendering.
+        split: how thinking is split into steps (``"blank_lines"``, ``"sentences"``).
+        questions: with ``chat=False``, the question text inside each prompt (the
+            question segment, OEB's bridge while thinking); by default the last user
+            message found through the chat template, else the whole prompt.
+
+    Returns:
+        One `Generation` per prompt, in order.
+    """
+    from .segment import Trace, TraceWarning, decode
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise StepflowError("no prompts given")
+    if max_new_tokens < 1:
+        raise StepflowError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise StepflowError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    a = adapter(model)
+    tok = tokenizer_of(model)
+    device = a.device
+    texts = [render_prompt(tok, p, chat=chat, system=system) for p in prompts]
+    fmt = resolve_format(tok, texts[0], format)
+    if questions is not None and len(questions) != len(prompts):
+        raise StepflowError(f"got {len(questions)} questions for {len(prompts)} prompts")
+    qtexts = [p if chat else _question_in(tok, t, questions[i] if questions is not None else None)
+              for i, (p, t) in enumerate(zip(prompts, texts))]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if any(len(x) == 0 for x in ids):
+        raise StepflowError("an empty prompt cannot be generated from")
+    width = max(len(x) for x in ids)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        tokens[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    tokens, mask = tokens.to(device), mask.to(device)
+    seeds = [row_seed(seed, i) for i in range(len(ids))]
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+
+    interventions = list(interventions)
+    trackers, state = None, None
+    if interventions:
+        trackers = [_RowTracker(tok, fmt, split, t, q) for t, q in zip(texts, qtexts)]
+        for tr, x in zip(trackers, ids):
+            if tr.prompt_ids != x:
+                raise StepflowError("the tracker tokenised the prompt differently from generate")
+        state = StepState.from_rows([tr.row for tr in trackers], device=device, row_seeds=seeds,
+                                    prefill_lengths=[len(x) for x in ids])
+        state.phase = "prefill"
+    generators = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(s)
+        generators.append(g)
+
+    outputs: List[List[int]] = [[] for _ in ids]
+    done = [False] * len(ids)
+    reasons = ["length"] * len(ids)
+    cut: List[Optional[int]] = [None] * len(ids)
+    longest_stop = max((len(x) for x in stop), default=0)
+
+    with apply_interventions(interventions, model, state) as runs:
+        t0 = time.perf_counter()
+        logits, dstate = a.prefill(tokens, mask)
+        last = logits[:, -1].float()
+        _sync(device)
+        t1 = time.perf_counter()
+        for n_new in range(1, max_new_tokens + 1):
+            if do_sample:
+                nxt = torch.stack([_sample(last[i], temperature, top_p, generators[i]) for i in range(len(ids))])
+            else:
+                nxt = last.argmax(dim=-1)
+            nxt_list = nxt.tolist()
+            for i, t in enumerate(nxt_list):
+                if done[i]:
+                    continue
+                outputs[i].append(t)
+                if t in eos:
+                    done[i], reasons[i] = True, "eos"
+                elif stop:
+                    # Only the end of the text can complete a stop string.
+                    tail = decode(tok, outputs[i][-(longest_stop + 8):])
+                    if any(x in tail for x in stop):
+                        text = decode(tok, outputs[i])
+                        done[i], reasons[i] = True, "stop"
+                        cut[i] = min(text.find(x) for x in stop if x in text)
+            if all(done) or n_new == max_new_tokens:
+                break
+            if trackers is not None:
+                # Finished rows keep running (their tokens are ignored) so the batch stays rectangular.
+                rebuilt = [tr.push(t) for tr, t in zip(trackers, nxt_list)]
+                if any(rebuilt):
+                    state = StepState.from_rows([tr.row for tr in trackers], device=device, row_seeds=seeds,
+                                                prefill_lengths=[len(x) for x in ids])
+                else:
+                    code, sid, cur, new = zip(*[tr.column() for tr in trackers])
+                    state = state.appended(torch.tensor(code), torch.tensor(sid), torch.tensor(cur), torch.tensor(new))
+                for run in runs:
+                    run.state = state
+            logits, dstate = a.decode(dstate, nxt[:, None])
+            last = logits[:, -1].float()
+        _sync(device)
+        t2 = time.perf_counter()
+        events = [e for run in runs for e in run.events()]
+
+    results = []
+    names = [repr(iv) for iv in interventions]
+    decode_s = t2 - t1
+    for i, out in enumerate(outputs):
+        text = decode(tok, out[:-1] if reasons[i] == "eos" else out)
+        if cut[i] is not None:
+            text = text[: cut[i]]
+        end = len(ids[i]) + len(out)
+        with warnings.catch_warnings():
+            # An output cut by the budget has no summary; Trace says so in `complete`.
+            warnings.simplefilter("ignore", TraceWarning)
+            trace = Trace.from_text(model, texts[i], text, format=fmt, question=qtexts[i], split=split,
+                                    allow_no_thinking=True)
+        results.append(Generation(
+            prompt=texts[i], text=text, trace=trace, prompt_ids=list(ids[i]), output_ids=out,
+            events=[e for e in events if e.row == i and e.position < end],
+            stop_reason=reasons[i], seed=seeds[i], prefill_s=t1 - t0, decode_s=decode_s,
+            tokens_per_s=len(out) / decode_s if decode_s > 0 else float("nan"),
+            format=fmt, interventions=names,
+        ))
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so the timings are wall times of finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

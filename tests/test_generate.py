@@ -1,0 +1,196 @@
+"""KV-cached generation: left padding, seeds, stops, zero-strength identity, StepFlow on SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepflow_tl.errors import StepflowError
+from stepflow_tl.generate import generate, row_seed
+from stepflow_tl.interventions import (
+    MatchedLogitNoise,
+    OddsEqualBridge,
+    RandomBridge,
+    RandomMomentum,
+    StepFlow,
+    StepMomentum,
+)
+
+PROMPTS = [
+    "What is 2+3?",
+    "Compute the sum of the first ten prime numbers and explain each step.",
+    "Name a colour.",
+]
+
+
+def assert_no_hooks(model):
+    for name, hp in model.hook_dict.items():
+        assert not hp.fwd_hooks and not hp.bwd_hooks, f"hook left on {name}"
+
+
+def reference_greedy(model, text, n):
+    """Greedy tokens of one prompt by full (uncached) forwards: the ground truth."""
+    tok = model.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out]))
+            out.append(int(logits[0, -1].argmax()))
+            if out[-1] == tok.eos_token_id:
+                break
+    return out
+
+
+def test_greedy_equals_uncached_reference(tiny_model):
+    res = generate(tiny_model, PROMPTS[1], max_new_tokens=8)[0]
+    assert res.output_ids == reference_greedy(tiny_model, res.prompt, 8)
+    assert res.stop_reason == "length" and len(res.output_ids) == 8
+    assert res.prefill_s > 0 and res.decode_s > 0 and res.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("interventions", [(), (StepFlow(oeb=OddsEqualBridge(layers="all"),
+                                                          smi=StepMomentum(layers="all", alpha=0.5)),)],
+                         ids=["plain", "stepflow"])
+def test_left_padded_batch_equals_single_runs(tiny_model, interventions):
+    batch = generate(tiny_model, PROMPTS, max_new_tokens=10, interventions=interventions)
+    lengths = [len(tiny_model.tokenizer(b.prompt, add_special_tokens=False)["input_ids"]) for b in batch]
+    assert len(set(lengths)) == 3  # the prompts really are padded differently
+    for i, p in enumerate(PROMPTS):
+        single = generate(tiny_model, p, max_new_tokens=10, interventions=interventions)[0]
+        assert batch[i].output_ids == single.output_ids
+        assert batch[i].text == single.text
+        strip = lambda evs: [(e.intervention, e.layer, e.position, e.n_heads) for e in evs]
+        assert strip(batch[i].events) == strip(single.events)
+        for e1, e2 in zip(batch[i].events, single.events):
+            assert e1.kl == pytest.approx(e2.kl, rel=1e-3, abs=1e-6, nan_ok=True)
+    if interventions:
+        assert any(b.events for b in batch)
+        assert all(e.row == i for i, b in enumerate(batch) for e in b.events)
+    assert_no_hooks(tiny_model)
+
+
+def test_zero_strength_is_identical_to_plain(tiny_model):
+    plain = generate(tiny_model, PROMPTS, max_new_tokens=12)
+    zero = generate(tiny_model, PROMPTS, max_new_tokens=12,
+                    interventions=[StepFlow(oeb=OddsEqualBridge(tau_max=0.0, layers="all"),
+                                            smi=StepMomentum(alpha=0.0, layers="all"))])
+    for p, z in zip(plain, zero):
+        assert p.output_ids == z.output_ids
+        assert [e for e in z.events if e.intervention == "oeb"] == []
+
+
+def test_sampling_replays_and_rows_are_independent(tiny_model):
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
+    same = [PROMPTS[0], PROMPTS[0]]
+    first = generate(tiny_model, same, **kw)
+    again = generate(tiny_model, same, **kw)
+    assert [r.output_ids for r in first] == [r.output_ids for r in again]
+    assert first[0].output_ids != first[1].output_ids  # same prompt, different row seeds
+    assert first[0].seed == row_seed(7, 0) and first[1].seed == row_seed(7, 1)
+    # a row's draws do not depend on the other rows of the batch
+    alone = generate(tiny_model, [PROMPTS[0]], **kw)[0]
+    assert alone.output_ids == first[0].output_ids
+    other_seed = generate(tiny_model, [PROMPTS[0]], **{**kw, "seed": 8})[0]
+    assert other_seed.output_ids != alone.output_ids
+
+
+def test_stop_strings_and_trace(tiny_model):
+    free = generate(tiny_model, PROMPTS[1], max_new_tokens=12)[0]
+    # stop at a piece of the text the model produces anyway
+    piece = free.text[len(free.text) // 2: len(free.text) // 2 + 3]
+    assert piece.strip()
+    stopped = generate(tiny_model, PROMPTS[1], max_new_tokens=12, stop=[piece])[0]
+    assert stopped.stop_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(piece)]
+    assert len(stopped.output_ids) < 12
+    trace = free.trace
+    assert trace.text == free.prompt + free.text
+    assert free.prompt_ids == tiny_model.tokenizer(free.prompt, add_special_tokens=False)["input_ids"]
+    assert trace.step_kinds[0] == "question"
+    d = free.to_dict()
+    assert d["output_ids"] == free.output_ids and d["trace"]["text"] == trace.text
+
+
+def test_pre_rendered_prompt(tiny_model):
+    text = "Question:\nWhat is 5 times 6?\n\nThinking:\n"
+    r = generate(tiny_model, text, chat=False, max_new_tokens=5, format="plain")[0]
+    assert r.prompt == text and len(r.output_ids) == 5
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(StepflowError):
+        generate(tiny_model, [], max_new_tokens=3)
+    with pytest.raises(StepflowError):
+        generate(tiny_model, "x", max_new_tokens=0)
+    with pytest.raises(StepflowError):
+        generate(tiny_model, "x", max_new_tokens=3, format="xml")
+    with pytest.raises(ValueError):
+        generate(tiny_model, "x", max_new_tokens=3, interventions=[OddsEqualBridge(layers=[50])])
+    assert_no_hooks(tiny_model)
+
+
+def test_interrupt_inside_a_hook_during_generation(tiny_model):
+    calls = {"n": 0}
+
+    class Interrupt(StepMomentum):
+        def direction(self, run, layer, m, q_pos):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return super().direction(run, layer, m, q_pos)
+
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = tiny_model(tokens)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tiny_model, PROMPTS[0], max_new_tokens=10, interventions=[OddsEqualBridge(), Interrupt()])
+    assert_no_hooks(tiny_model)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(tokens), before)
+
+
+def test_controls_run_in_generation(tiny_model):
+    controls = [RandomBridge(layers="all", seed=1), MatchedLogitNoise(layers="all", seed=1),
+                RandomMomentum(layers="all", seed=1)]
+    out = generate(tiny_model, PROMPTS[:2], max_new_tokens=8, interventions=controls)
+    names = {e.intervention for r in out for e in r.events}
+    assert {"random_bridge", "matched_noise"} <= names
+    again = generate(tiny_model, PROMPTS[:2], max_new_tokens=8, interventions=controls)
+    assert [r.output_ids for r in out] == [r.output_ids for r in again]
+    assert_no_hooks(tiny_model)
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+SMOL_Q = ("A shop sells pens at 3 dollars each. Tom buys 4 pens and pays with a 20 dollar bill. "
+          "How much change does he get? Think step by step, then write 'Answer:' and the number.")
+
+
+@pytest.fixture(scope="module")
+def smol_plain(smollm2):
+    return generate(smollm2, SMOL_Q, max_new_tokens=32, split="sentences")[0]
+
+
+def test_smollm2_zero_strength_identical(smollm2, smol_plain):
+    zero = generate(smollm2, SMOL_Q, max_new_tokens=32, split="sentences",
+                    interventions=[StepFlow(oeb=OddsEqualBridge(tau_max=0.0), smi=StepMomentum(alpha=0.0))])[0]
+    assert zero.output_ids == smol_plain.output_ids
+    assert zero.format == "plain"
+
+
+def test_smollm2_stepflow_changes_output_and_logs_it(smollm2, smol_plain):
+    sf = generate(smollm2, SMOL_Q, max_new_tokens=32, split="sentences", interventions=[StepFlow()])[0]
+    assert sf.output_ids != smol_plain.output_ids
+    df = sf.to_dataframe()
+    oeb = df[df.intervention == "oeb"]
+    smi = df[df.intervention == "smi"]
+    assert set(oeb.layer) <= set(range(8)) and len(oeb) > 0
+    assert (oeb.kl > 0).all() and (oeb.lambda_b > 0).all()
+    assert set(smi.layer) <= set(range(22, 30)) and len(smi) > 0
+    assert (smi.injected_norm > 0).all()
+    # SMI fires at the first token of thinking steps, at every SMI layer
+    starts = {sf.trace.steps[i].token_span[0] for i in sf.trace.thinking_steps[1:]}
+    assert set(smi.position) <= starts
+    assert (smi.groupby("position").layer.nunique() == 8).all()
+    first = int(torch.tensor([a != b for a, b in zip(sf.output_ids, smol_plain.output_ids)]).int().argmax())
+    assert first < len(sf.output_ids)
