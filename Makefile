@@ -25,7 +25,7 @@ endef
 	$(call make_venv,.venv-tl39,$(TL39_PIN))
 
 demo: .venv/.stepflow-installed
-	.venv/bin/stepflow-tl demo
+	.venv/bin/stepflow-tl demo --out out/demo
 
 info: .venv/.stepflow-installed
 	.venv/bin/stepflow-tl info

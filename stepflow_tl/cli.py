@@ -183,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--beta", type=float, default=0.0)
     gen.add_argument("--json", action="store_true", help="print the result (text, trace, events) as JSON")
     gen.set_defaults(func=cmd_generate)
+
+    from . import demo, evaluate
+
+    ev = sub.add_parser("eval", help="a paired study: accuracy of a few conditions on a problem set")
+    evaluate.add_eval_arguments(ev)
+    ev.set_defaults(func=evaluate.run_eval_cli)
+    ab = sub.add_parser("ablate", help="the full ablation grid: StepFlow, its parts, controls, placement swaps")
+    evaluate.add_ablate_arguments(ab)
+    ab.set_defaults(func=evaluate.run_ablate_cli)
+    dm = sub.add_parser("demo", help="a small study on the embedded model, with an HTML report")
+    demo.add_demo_arguments(dm)
+    dm.set_defaults(func=demo.run_demo_cli)
     return parser
 
 
