@@ -37,26 +37,33 @@ def step_onehot(token_steps: torch.Tensor, n_steps: int, dtype=torch.float64) ->
 
 
 def block_sums(
-    x: torch.Tensor, q_onehot: torch.Tensor, k_onehot: torch.Tensor, chunk: int = 4
+    x: torch.Tensor, q_onehot: torch.Tensor, k_onehot: torch.Tensor, max_elements: int = 1 << 24
 ) -> torch.Tensor:
     """Sum of ``x`` over each (query step, key step) block, accumulated in float64.
 
     Args:
         x: ``[..., q, k]`` token-level values (any float dtype).
-        q_onehot: ``[q, step]`` indicator of the query rows present in ``x``.
-        k_onehot: ``[k, step]`` indicator of the key columns.
-        chunk: leading slices converted to float64 at a time, to bound memory.
+        q_onehot: ``[q, step_q]`` indicator of the query rows present in ``x``.
+        k_onehot: ``[k, step_k]`` indicator of the key columns.
+        max_elements: size of the float64 working copy; ``x`` is converted a slice of
+            leading entries, or of query rows, at a time, so at T = 8192 no full
+            ``[head, T, T]`` float64 copy (4.8 GB for 9 heads) is ever made.
 
     Returns:
-        ``[..., step, step]`` float64 block sums.
+        ``[..., step_q, step_k]`` float64 block sums.
     """
     lead = x.shape[:-2]
-    flat = x.reshape(-1, *x.shape[-2:])
-    out = []
-    for start in range(0, flat.shape[0], chunk):
-        part = flat[start : start + chunk].to(torch.float64)
-        out.append(q_onehot.T @ (part @ k_onehot))
-    return torch.cat(out).reshape(*lead, q_onehot.shape[1], k_onehot.shape[1])
+    n_q, n_k = x.shape[-2:]
+    flat = x.reshape(-1, n_q, n_k)
+    per_slice = max(1, n_q * n_k)
+    lead_step = max(1, min(flat.shape[0], max_elements // per_slice))
+    rows = n_q if per_slice <= max_elements else max(1, max_elements // max(1, n_k))
+    out = torch.zeros(flat.shape[0], q_onehot.shape[1], k_onehot.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, flat.shape[0], lead_step):
+        for row in range(0, n_q, rows):
+            part = flat[start : start + lead_step, row : row + rows].to(torch.float64)
+            out[start : start + lead_step] += q_onehot[row : row + rows].T @ (part @ k_onehot)
+    return out.reshape(*lead, q_onehot.shape[1], k_onehot.shape[1])
 
 
 def pair_counts(token_steps: torch.Tensor, n_steps: int, pool: Pool) -> torch.Tensor:

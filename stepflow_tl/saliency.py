@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from .backend import PermanentHooks, adapter, attn_hook
+from .backend import PermanentHooks, adapter, attn_hook, block_hook
 from .errors import StepflowError
 from .pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
 
@@ -255,6 +255,9 @@ def resolve_loss(loss: Union[str, LossFn], trace) -> tuple:
 class _LayerPooler:
     """Accumulates per-head pooled maps, ``[layer, head, step, step]``, as layers arrive."""
 
+    # Elements of the fp32 product |A * dL/dA| formed at once: 64 MB, whatever T is.
+    PRODUCT_ELEMENTS = 1 << 24
+
     def __init__(self, trace, layers, n_heads, pool, device):
         steps = trace.token_steps.to(device)
         self.onehot = step_onehot(steps, trace.n_steps)
@@ -263,18 +266,39 @@ class _LayerPooler:
         self.head_maps = torch.zeros(len(layers), n_heads, trace.n_steps, trace.n_steps, dtype=torch.float64)
         self.done = set()
 
-    def add(self, layer: int, values: torch.Tensor) -> None:
-        """``values``: ``[1, head, q, k]`` token-level map of ``layer``."""
+    @staticmethod
+    def _check_finite(layer: int, values: torch.Tensor) -> None:
         if not bool(torch.isfinite(values).all()):
             raise StepflowError(
                 f"layer {layer}: non-finite attention or gradient (NaN/inf); with fp16 this "
                 "is usually overflow: run the model in bf16 or fp32"
             )
-        n_pos = values.shape[-1]
-        chunk = max(1, (1 << 26) // (n_pos * n_pos))  # bound the float64 working copy
-        sums = block_sums(values[0], self.onehot, self.onehot, chunk=chunk)
+
+    def _store(self, layer: int, sums: torch.Tensor) -> None:
         self.head_maps[self.index[layer]] = normalise_blocks(sums, self.counts).cpu()
         self.done.add(layer)
+
+    def add(self, layer: int, values: torch.Tensor) -> None:
+        """``values``: ``[1, head, q, k]`` token-level map of ``layer``."""
+        self._check_finite(layer, values)
+        self._store(layer, block_sums(values[0], self.onehot, self.onehot))
+
+    def add_product(self, layer: int, pattern: torch.Tensor, grad: torch.Tensor) -> None:
+        """Pool ``|pattern * grad|`` (both ``[1, head, q, k]``), formed in fp32.
+
+        The product is made a block of query rows at a time: the whole layer's
+        ``[head, T, T]`` product (and its float64 copy) would otherwise add two to
+        four T x T copies on top of what autograd already holds for the layer.
+        """
+        pattern, grad = pattern[0], grad[0]
+        n_heads, n_q, n_k = pattern.shape
+        rows = max(1, self.PRODUCT_ELEMENTS // max(1, n_heads * n_k))
+        sums = torch.zeros(n_heads, *self.counts.shape, dtype=torch.float64, device=pattern.device)
+        for row in range(0, n_q, rows):
+            part = (pattern[:, row : row + rows].float() * grad[:, row : row + rows].float()).abs_()
+            self._check_finite(layer, part)
+            sums += block_sums(part, self.onehot[row : row + rows], self.onehot)
+        self._store(layer, sums)
 
 
 def _check_inputs(model, trace, pool, pools, layers):
@@ -346,11 +370,11 @@ def step_saliency(
     loss_name, loss_fn = resolve_loss(loss, trace)
     pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device)
     tokens = trace.token_ids[None].to(a.device)
-    lowest = {}  # the lowest mapped layer's pattern: backward needs to go no further
+    lowest = {}  # where backward may stop: the lowest mapped layer's pattern (dense) or input (bounded)
 
     def grad_hook(layer, pattern):
         def on_grad(grad):
-            pooler.add(layer, (pattern.float() * grad.float()).abs())
+            pooler.add_product(layer, pattern, grad)
 
         return on_grad
 
@@ -358,23 +382,26 @@ def step_saliency(
         layer = int(hook.name.split(".")[1])
         pattern.register_hook(grad_hook(layer, pattern.detach()))
         if layer == layers[0]:
-            lowest["pattern"] = pattern
+            lowest["target"] = pattern
 
     # Bounded: the first call of each layer's hook is the checkpointed forward, whose
     # activations are dropped; the second is the recomputation during backward, whose
-    # pattern is held just until that layer's gradient arrives.
+    # pattern is held just until that layer's gradient arrives. Backward stops at the
+    # lowest mapped block's input, [1, pos, d_model]: holding that block's first-pass
+    # pattern as the target, as dense mode does, would keep a T x T tensor alive.
     seen = dict.fromkeys(layers, 0)
     recomputed = {}
+
+    def resid_hook_bounded(resid, hook):
+        lowest.setdefault("target", resid)
 
     def pattern_hook_bounded(pattern, hook):
         layer = int(hook.name.split(".")[1])
         seen[layer] += 1
         if seen[layer] == 1:
-            if layer == layers[0]:
-                lowest["pattern"] = pattern
 
             def on_grad(grad):
-                pooler.add(layer, (recomputed.pop(layer).float() * grad.float()).abs())
+                pooler.add_product(layer, recomputed.pop(layer), grad)
 
             pattern.register_hook(on_grad)
         else:
@@ -382,19 +409,21 @@ def step_saliency(
 
     hook_fn = pattern_hook_dense if mode == "dense" else pattern_hook_bounded
     fwd_hooks = [(attn_hook(layer, "pattern"), hook_fn) for layer in layers]
+    if mode == "bounded":
+        fwd_hooks.append((block_hook(layers[0], "resid_pre"), resid_hook_bounded))
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         stack.enter_context(PermanentHooks(model, fwd_hooks))
         if mode == "bounded":
             stack.enter_context(_checkpointed_blocks(model, layers[0]))
             stack.enter_context(set_checkpoint_early_stop(False))
-        logits = _forward(model, a, tokens)
-        value = loss_fn(logits)
+        # no name for the logits: only what the loss saves for backward stays alive
+        value = loss_fn(_forward(model, a, tokens))
         if value.ndim != 0:
             raise StepflowError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
         if not bool(torch.isfinite(value)):
             raise StepflowError(f"the loss is not finite ({float(value.detach())})")
-        torch.autograd.grad(value, [lowest["pattern"]])
+        torch.autograd.grad(value, [lowest["target"]])
     missing = set(layers) - pooler.done
     if missing:
         raise StepflowError(f"no gradient reached layers {sorted(missing)}")
@@ -511,7 +540,7 @@ def step_saliency_from_cache(
     for layer in layers:
         pattern = _cache_tensor(cache, attn_hook(layer, "pattern"), n_pos, how)
         grad = _cache_tensor(cache, attn_hook(layer, "pattern") + "_grad", n_pos, how)
-        pooler.add(layer, (pattern.float() * grad.float()).abs())
+        pooler.add_product(layer, pattern, grad)
     return _make_result(
         trace, layers, pooler, n_model_layers=_n_model_layers(cache, max(layers) + 1),
         map_kind="saliency", pool=pool, loss=loss, per_head=per_head,

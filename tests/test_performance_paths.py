@@ -1,0 +1,128 @@
+"""Issue 7: the memory-bounding code paths give exactly the unchunked results.
+
+These are correctness tests of the chunked pooling and the bounded saliency mode's
+memory discipline; the speed and memory numbers themselves are in benchmarks/ and
+docs/performance.md, not asserted here (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference import pool_loop, reference_saliency
+from stepflow_tl.models import make_tiny_hf
+from stepflow_tl.pooling import block_sums, pair_counts, pool_to_steps, step_onehot
+from stepflow_tl.saliency import _LayerPooler, step_saliency
+from stepflow_tl.segment import Trace
+
+THINKING = (
+    "Tom has 3 boxes with 4 pens each.\n\nThat is 3 * 4 = 12 pens.\n\n"
+    "He loses 2 pens, so 12 - 2 = 10.\n\nCheck: 10 + 2 = 12, right."
+)
+
+
+@pytest.fixture(scope="module")
+def trace(tokenizer):
+    return Trace.from_parts(
+        tokenizer, question="Tom has 3 boxes of 4 pens and loses 2. How many pens are left?",
+        thinking=THINKING, summary="He has 10 pens.\n\nAnswer: \\boxed{10}",
+    )
+
+
+def _random_steps(n_pos: int, n_steps: int, seed: int) -> torch.Tensor:
+    """Contiguous steps with some markup (-1) tokens, like a real trace."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(n_pos - 1, generator=g)[: n_steps - 1] + 1).values
+    steps = torch.zeros(n_pos, dtype=torch.long)
+    for cut in cuts:
+        steps[cut:] += 1
+    steps[torch.rand(n_pos, generator=g) < 0.1] = -1
+    return steps
+
+
+@pytest.mark.parametrize("max_elements", [1, 7, 40, 150, 1 << 24])
+def test_block_sums_chunking_is_exact(max_elements):
+    """Slicing rows and leading entries (any budget, even 1 element) changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 13, 13, generator=g)
+    steps = _random_steps(13, 4, seed=1)
+    onehot = step_onehot(steps, 4)
+    got = block_sums(x, onehot, onehot, max_elements=max_elements)
+    expected = torch.stack([pool_loop(x[b], steps, 4, "mean") for b in range(2)]) * pair_counts(steps, 4, "mean")
+    assert got.shape == (2, 3, 4, 4)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_block_sums_rectangular_query_slice():
+    """A block of query rows against all keys, as the row-chunked product uses it."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 17, 17, generator=g)
+    steps = _random_steps(17, 5, seed=3)
+    onehot = step_onehot(steps, 5)
+    parts = sum(
+        block_sums(x[:, r : r + 4], onehot[r : r + 4], onehot, max_elements=5) for r in range(0, 17, 4)
+    )
+    assert torch.allclose(parts, block_sums(x, onehot, onehot), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", ["mean", "causal_mean", "mass"])
+def test_pool_to_steps_matches_loops(pool):
+    g = torch.Generator().manual_seed(4)
+    x = torch.tril(torch.rand(4, 19, 19, generator=g))
+    steps = _random_steps(19, 6, seed=5)
+    assert torch.allclose(pool_to_steps(x, steps, 6, pool), pool_loop(x, steps, 6, pool), rtol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [1, 50, 1 << 24])
+def test_row_chunked_product_equals_whole_product(trace, monkeypatch, budget):
+    g = torch.Generator().manual_seed(6)
+    n_pos = trace.token_ids.shape[0]
+    pattern = torch.rand(1, 4, n_pos, n_pos, generator=g)
+    grad = torch.randn(1, 4, n_pos, n_pos, generator=g)
+    whole = _LayerPooler(trace, [0], 4, "mean", torch.device("cpu"))
+    whole.add(0, (pattern * grad).abs())
+    monkeypatch.setattr(_LayerPooler, "PRODUCT_ELEMENTS", budget)
+    chunked = _LayerPooler(trace, [0], 4, "mean", torch.device("cpu"))
+    chunked.add_product(0, pattern, grad)
+    assert torch.allclose(chunked.head_maps, whole.head_maps, rtol=1e-12, atol=0)
+
+
+def test_row_chunked_product_rejects_non_finite(trace, monkeypatch):
+    from stepflow_tl import StepflowError
+
+    monkeypatch.setattr(_LayerPooler, "PRODUCT_ELEMENTS", 64)
+    n_pos = trace.token_ids.shape[0]
+    pattern = torch.full((1, 2, n_pos, n_pos), 0.5)
+    grad = torch.ones_like(pattern)
+    grad[0, 1, n_pos - 1, 0] = float("nan")  # only in the last row chunk
+    pooler = _LayerPooler(trace, [3], 2, "mean", torch.device("cpu"))
+    with pytest.raises(StepflowError, match="layer 3: non-finite"):
+        pooler.add_product(3, pattern, grad)
+
+
+@pytest.mark.parametrize("pool", ["mean", "causal_mean"])
+def test_bounded_with_tiny_chunks_matches_reference(tiny_model, trace, monkeypatch, pool):
+    """The bounded mode with one query row per chunk is still the exact Step-Saliency."""
+    reference_hf = make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
+    expected = reference_saliency(reference_hf, trace, pool)
+    monkeypatch.setattr(_LayerPooler, "PRODUCT_ELEMENTS", 1)
+    bounded = step_saliency(tiny_model, trace, pool=pool, mode="bounded")
+    dense = step_saliency(tiny_model, trace, pool=pool, mode="dense")
+    assert float((bounded.maps - expected).abs().max() / expected.abs().max()) < 1e-6
+    assert torch.allclose(bounded.maps, dense.maps, rtol=1e-12, atol=0)
+
+
+def test_long_trace_helper_builds_exact_lengths(tokenizer):
+    """The benchmarks' trace builder: real text, the requested length, many steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _common
+
+    for n_tokens in (300, 700):
+        long = _common.long_trace(tokenizer, n_tokens)
+        assert long.token_ids.shape[0] == n_tokens
+        assert long.n_steps >= 5
+        assert long.step_kinds[0] == "question"
