@@ -26,10 +26,10 @@ class DemoConfig:
     maps of up to ``saliency`` correct and ``saliency`` incorrect traces per condition."""
 
     levels: Tuple[int, ...] = (1, 2, 3)
-    n_per_level: int = 2
-    conditions: Tuple[str, ...] = ("baseline", "stepflow", "random_stepflow")
-    max_new_tokens: int = 64
-    batch_size: int = 6
+    n_per_level: int = 6
+    conditions: Tuple[str, ...] = ("baseline", "stepflow", "random_stepflow", "oeb")
+    max_new_tokens: int = 80
+    batch_size: int = 9
     saliency: int = 1
     seed: int = 0
 

@@ -275,7 +275,7 @@ def test_summary_dataframe_and_show(capsys):
     assert list(bm.index) == list(BANDS) and bm.loc["middle", "lock_in"] == pytest.approx(0.625)
     d.show()
     out = capsys.readouterr().out
-    assert "trace=t7" in out and "lock_in" in out and "0.6250" in out and "li_shallow" in out
+    assert "trace=t7" in out and "lock_in" in out and "0.625" in out and "li_shallow" in out
     assert repr(d) == out.rstrip("\n")
 
 
