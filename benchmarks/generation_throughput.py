@@ -34,8 +34,6 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", default="bridge", choices=["bridge", "hooked"])
     args = parser.parse_args(argv)
 
-    import torch
-
     from stepflow_tl.generate import generate
     from stepflow_tl.interventions import StepFlow
     from stepflow_tl.models import load_model

@@ -33,3 +33,12 @@ from .segment import Step, Trace, load_traces
 from .tracker import StepEvent, StepTracker
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Diagnostics", "Generation", "MatchedLogitNoise", "ModelLoadError", "OddsEqualBridge",
+    "RandomBridge", "RandomMomentum", "Step", "StepEvent", "StepFlow", "StepMomentum",
+    "StepSaliency", "StepTracker", "StepflowError", "Trace", "TraceError",
+    "UnsupportedModelError", "adapter", "attach_trace", "compare", "diagnose", "generate",
+    "load_model", "load_traces", "model_info", "pool_to_steps", "step_attention",
+    "step_saliency", "step_saliency_from_cache",
+]

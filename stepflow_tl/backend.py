@@ -13,7 +13,7 @@ this plugin relies on are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import torch
 

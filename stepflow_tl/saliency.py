@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
