@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from stepflow_tl import load_model
+from stepflow_tl.cli import DTYPES
 from stepflow_tl.evaluate import evaluate
 from stepflow_tl.problems import builtin_suite, load_problems
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> None:

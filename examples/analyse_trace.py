@@ -16,13 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from stepflow_tl import Trace, load_model, step_saliency
+from stepflow_tl.cli import DTYPES
 from stepflow_tl.render import plot_step_map
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "r1_traces.jsonl"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> None:

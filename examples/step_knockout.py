@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from stepflow_tl import Trace, attach_trace, load_model
+from stepflow_tl.cli import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUESTION = "A shop sells pens at 3 dollars each. Mia buys 4 pens and pays with a 20 dollar note. How much change does she get?"
 THINKING = (
     "Each pen costs 3 dollars and Mia buys 4 pens.\n\n"
