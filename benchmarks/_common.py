@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-TRACES = Path(os.environ.get("STEPFLOW_TRACES", "/work/shared/data/r1_traces.jsonl"))
+TRACES = Path(os.environ.get(
+    "STEPFLOW_TRACES", Path(__file__).resolve().parents[2] / "shared" / "data" / "r1_traces.jsonl"
+))
 GiB = 1 << 30
 RESULT_PREFIX = "RESULT "
 

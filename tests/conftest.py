@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,12 @@ def _has_hooked_transformer() -> bool:
 
 
 HAS_HOOKED = _has_hooked_transformer()
+# The real traces live in shared/, beside the repository (CI clones main next to it).
+R1_TRACES = next(
+    (p for p in (Path(__file__).resolve().parents[2] / "shared" / "data" / "r1_traces.jsonl",
+                 Path("/work/shared/data/r1_traces.jsonl")) if p.is_file()),
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "r1_traces.jsonl",
+)
 BACKENDS = ["bridge", "hooked"] if HAS_HOOKED else ["bridge"]
 needs_hooked = pytest.mark.skipif(
     not HAS_HOOKED, reason="HookedTransformer exists only in TransformerLens 3.9 (the tl39 lane)"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -12,8 +11,8 @@ from stepflow_tl.errors import StepflowError
 from stepflow_tl.grading import answer_regions, boxed_contents, extract_answer, grade
 from stepflow_tl.problems import Problem, load_problems
 
-R1_TRACES = Path("/work/shared/data/r1_traces.jsonl")
-needs_traces = pytest.mark.skipif(not R1_TRACES.is_file(), reason="needs /work/shared/data/r1_traces.jsonl")
+from conftest import R1_TRACES
+needs_traces = pytest.mark.skipif(not R1_TRACES.is_file(), reason="needs shared/data/r1_traces.jsonl beside the repository")
 
 
 def math_problem(gold: str) -> Problem:

@@ -19,7 +19,7 @@ from stepflow_tl.problems import (
     prompt_for,
 )
 
-R1_TRACES = Path("/work/shared/data/r1_traces.jsonl")
+from conftest import R1_TRACES
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -136,7 +136,7 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
         load_problems(path)
 
 
-@pytest.mark.skipif(not R1_TRACES.is_file(), reason="needs /work/shared/data/r1_traces.jsonl")
+@pytest.mark.skipif(not R1_TRACES.is_file(), reason="needs shared/data/r1_traces.jsonl beside the repository")
 def test_r1_traces_file():
     with pytest.raises(StepflowError, match=r"row 70: field 'gold' is empty.*missing_answer='skip'"):
         load_problems(R1_TRACES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from stepflow_tl.segment import (
     step_starts,
 )
 
-TRACES = Path("/work/shared/data/r1_traces.jsonl")
+from conftest import R1_TRACES as TRACES
 Q = "What is 2+2?"
 
 

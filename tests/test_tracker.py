@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,7 @@ from stepflow_tl.errors import TraceError
 from stepflow_tl.segment import Trace, TraceWarning, decode, render_prompt
 from stepflow_tl.tracker import StepEvent, StepTracker, prompt_positions
 
-TRACES = Path("/work/shared/data/r1_traces.jsonl")
+from conftest import R1_TRACES as TRACES
 Q = "What is 2+2?"
 
 
