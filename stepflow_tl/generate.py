@@ -264,8 +264,11 @@ def generate(
         for tr, x in zip(trackers, ids):
             if tr.prompt_ids != x:
                 raise StepflowError("the tracker tokenised the prompt differently from generate")
-        state = StepState.from_rows([tr.row for tr in trackers], device=device, row_seeds=seeds,
-                                    prefill_lengths=[len(x) for x in ids])
+        def state_from_trackers() -> StepState:
+            return StepState.from_rows([tr.row for tr in trackers], device=device, row_seeds=seeds,
+                                       prefill_lengths=[len(x) for x in ids])
+
+        state = state_from_trackers()
         state.phase = "prefill"
     generators = []
     for s in seeds:
@@ -310,8 +313,7 @@ def generate(
                 # Finished rows keep running (their tokens are ignored) so the batch stays rectangular.
                 rebuilt = [tr.push(t) for tr, t in zip(trackers, nxt_list)]
                 if any(rebuilt):
-                    state = StepState.from_rows([tr.row for tr in trackers], device=device, row_seeds=seeds,
-                                                prefill_lengths=[len(x) for x in ids])
+                    state = state_from_trackers()
                 else:
                     code, sid, cur, new = zip(*[tr.column() for tr in trackers])
                     state = state.appended(torch.tensor(code), torch.tensor(sid), torch.tensor(cur), torch.tensor(new))

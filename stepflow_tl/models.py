@@ -259,7 +259,8 @@ def load_model(
             (``HookedTransformer``, TL 3.9 only; Llama-family models).
         device, dtype: where and in what precision the model runs.
         hf_model, tokenizer: an in-memory transformers model (and its tokenizer) to wrap
-            instead of loading by name; ``name`` then only labels it.
+            instead of loading by name; ``name`` then only labels it. The bridge wraps
+            ``hf_model`` in place, so it is moved to ``device`` and cast to ``dtype``.
         device_map, n_devices: multi-GPU placement, passed to ``boot_transformers``.
 
     Returns:
@@ -295,6 +296,10 @@ def load_model(
     kwargs: dict = {"dtype": dtype}
     if not multi_device:
         kwargs["device"] = device
+        # boot_transformers(hf_model=...) records device and dtype in cfg but leaves
+        # the weights where and as they are: a model meant for the GPU in bf16 would
+        # silently run on the CPU in fp32.
+        hf_model = hf_model.to(device=device, dtype=dtype)
     try:
         return _bridge_from_hf(name, hf_model, tokenizer, **kwargs)
     except (ValueError, NotImplementedError, KeyError) as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from .errors import StepflowError
+from .records import read_json_records
 
 KINDS = ("math", "choice", "integer")
 LETTERS = "ABCDEFGHIJ"
@@ -150,10 +151,8 @@ def load_problems(
 
 def _read_rows(path: Path) -> Iterable[dict]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
+    if suffix in (".jsonl", ".json"):
+        return read_json_records(path)
     if suffix == ".csv":
         # Every cell as a string: AIME golds like "042" and ids must not become numbers.
         with path.open(newline="", encoding="utf-8") as f:
@@ -163,34 +162,6 @@ def _read_rows(path: Path) -> Iterable[dict]:
     raise StepflowError(
         f"{path}: unsupported problem file extension {suffix!r}; expected .jsonl, .json, .csv or .parquet"
     )
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StepflowError(f"{path}, line {line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise StepflowError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> list[dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise StepflowError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise StepflowError(f"{path}: expected a JSON list of objects or {{\"data\": [objects]}}")
-    return data
 
 
 def _read_parquet(path: Path) -> list[dict]:

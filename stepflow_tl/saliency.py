@@ -11,8 +11,9 @@ step ``j`` (`stepflow_tl.pooling`). Three ways to get the same maps:
   ``hook_pattern``; autograd keeps every layer's attention alive, O(layers x heads x T^2).
 - `step_saliency(model, trace, mode="bounded")`: every block runs under activation
   checkpointing, so its attention exists only while its own backward runs, and each
-  layer is pooled the moment its gradient arrives: memory grows like one layer's
-  attention, at the price of a second forward.
+  layer is pooled the moment its gradient arrives; a built-in loss is computed inside
+  the unembedding a block of positions at a time, so the ``[pos, vocab]`` logits never
+  exist whole. Memory grows like one layer's attention, at the price of a second forward.
 - `step_saliency_from_cache(cache, trace)`: from a user's ``run_with_cache(...,
   incl_bwd=True)`` cache.
 
@@ -222,32 +223,40 @@ def _last_boxed(text: str):
     return found
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 products and log-softmaxes lose digits; float64 models keep theirs."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _target_ce(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting the tokens at ``positions`` (each from the one before)."""
     positions = positions[positions > 0].to(logits.device)
     if positions.numel() == 0:
         raise StepflowError("the loss covers no predictable tokens")
-    logp = torch.log_softmax(logits[0, positions - 1].float(), dim=-1)
+    logp = torch.log_softmax(_at_least_fp32(logits[0, positions - 1]), dim=-1)
     return -logp.gather(-1, token_ids.to(logits.device)[positions, None]).mean()
 
 
-def resolve_loss(loss: Union[str, LossFn], trace) -> tuple:
-    """``(name, fn(logits [1, pos, vocab]) -> scalar)`` for a loss spec."""
-    ids = trace.token_ids
-    if callable(loss):
-        return getattr(loss, "__name__", "callable"), lambda logits: loss(logits, trace)
+def loss_target_positions(loss: str, trace) -> torch.Tensor:
+    """Token positions whose prediction a built-in loss scores, ``[n]`` long."""
     if loss == "sequence":
-        every = torch.arange(1, ids.shape[0])
-        return loss, lambda logits: _target_ce(logits, ids, every)
+        return torch.arange(1, trace.token_ids.shape[0])
     if loss == "summary":
         positions = _token_positions(trace, ("summary",))
         if positions.numel() == 0:
             raise StepflowError("loss='summary' needs a trace with summary tokens")
-        return loss, lambda logits: _target_ce(logits, ids, positions)
+        return positions
     if loss == "answer":
-        positions = answer_token_positions(trace)
-        return loss, lambda logits: _target_ce(logits, ids, positions)
+        return answer_token_positions(trace)
     raise ValueError(f"loss must be one of {LOSSES} or a callable(logits, trace), got {loss!r}")
+
+
+def resolve_loss(loss: Union[str, LossFn], trace) -> tuple:
+    """``(name, fn(logits [1, pos, vocab]) -> scalar)`` for a loss spec."""
+    if callable(loss):
+        return getattr(loss, "__name__", "callable"), lambda logits: loss(logits, trace)
+    positions = loss_target_positions(loss, trace)
+    return loss, lambda logits: _target_ce(logits, trace.token_ids, positions)
 
 
 # ---------------------------------------------------------------------- core
@@ -283,7 +292,7 @@ class _LayerPooler:
         self._store(layer, block_sums(values[0], self.onehot, self.onehot))
 
     def add_product(self, layer: int, pattern: torch.Tensor, grad: torch.Tensor) -> None:
-        """Pool ``|pattern * grad|`` (both ``[1, head, q, k]``), formed in fp32.
+        """Pool ``|pattern * grad|`` (both ``[1, head, q, k]``), formed in fp32 (float64 for float64 models).
 
         The product is made a block of query rows at a time: the whole layer's
         ``[head, T, T]`` product (and its float64 copy) would otherwise add two to
@@ -294,9 +303,10 @@ class _LayerPooler:
         rows = max(1, self.PRODUCT_ELEMENTS // max(1, n_heads * n_k))
         sums = torch.zeros(n_heads, *self.counts.shape, dtype=torch.float64, device=pattern.device)
         for row in range(0, n_q, rows):
-            part = (pattern[:, row : row + rows].float() * grad[:, row : row + rows].float()).abs_()
+            block = slice(row, row + rows)
+            part = (_at_least_fp32(pattern[:, block]) * _at_least_fp32(grad[:, block])).abs_()
             self._check_finite(layer, part)
-            sums += block_sums(part, self.onehot[row : row + rows], self.onehot)
+            sums += block_sums(part, self.onehot[block], self.onehot)
         self._store(layer, sums)
 
 
@@ -356,17 +366,22 @@ def step_saliency(
         pool: ``"mean"`` (whole block, the paper) or ``"causal_mean"`` (pairs k <= t).
         layers: model layers to map (default all).
         per_head: also keep ``head_maps [layer, head, step_q, step_k]``.
-        mode: ``"dense"`` (reference) or ``"bounded"`` (activation checkpointing, memory of
-            one layer's attention); both are exact.
+        mode: ``"dense"`` (reference) or ``"bounded"`` (activation checkpointing and a
+            block-wise loss, memory of one layer's attention); both are exact. Bounded
+            mode refuses a built-in loss on a model that transforms its logits after the
+            unembedding (soft-capping); a callable loss gets whole logits in either mode.
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
-        ``|A * dL/dA|`` are formed in fp32 whatever the model's dtype).
+        ``|A * dL/dA|`` are formed in fp32 for fp16/bf16/fp32 models, float64 for float64 ones).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     a, layers = _check_inputs(model, trace, pool, SALIENCY_POOLS, layers)
     loss_name, loss_fn = resolve_loss(loss, trace)
+    # Bounded mode never holds whole-sequence logits for a built-in loss; a callable
+    # loss needs them, so it gets them.
+    blockwise_loss = mode == "bounded" and not callable(loss)
     pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device)
     tokens = trace.token_ids[None].to(a.device)
     lowest = {}  # where backward may stop: the lowest mapped layer's pattern (dense) or input (bounded)
@@ -416,8 +431,14 @@ def step_saliency(
         if mode == "bounded":
             stack.enter_context(_checkpointed_blocks(model, layers[0]))
             stack.enter_context(set_checkpoint_early_stop(False))
-        # no name for the logits: only what the loss saves for backward stays alive
-        value = loss_fn(_forward(model, a, tokens))
+        if blockwise_loss:
+            in_unembedding = stack.enter_context(
+                _loss_in_unembedding(model, trace.token_ids, loss_target_positions(loss, trace))
+            )
+            value = in_unembedding.check_output(_forward(model, a, tokens))
+        else:
+            # no name for the logits: only what the loss saves for backward stays alive
+            value = loss_fn(_forward(model, a, tokens))
         if value.ndim != 0:
             raise StepflowError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
         if not bool(torch.isfinite(value)):
@@ -430,6 +451,94 @@ def step_saliency(
         trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
         loss=loss_name, per_head=per_head, meta={"mode": mode, "loss_value": float(value.detach())},
     )
+
+
+class _loss_in_unembedding:
+    """Compute a built-in loss inside the unembedding, one block of positions at a time.
+
+    Used by bounded mode. Otherwise the ``[1, pos, vocab]`` logits, their log-softmax
+    and its gradient (~4 such copies) are the largest tensors of a bounded run: 1.5 GiB
+    at T = 2048 on SmolLM2's 49k vocabulary, ~40 GB at T = 16k on a 152k-vocabulary
+    model. ``unembed.forward`` is shadowed for the duration: it receives the final
+    normalised residual ``[1, pos, d_model]``, unembeds a block of predicting positions
+    at a time under activation checkpointing (so one block's logits exist at a time, in
+    the forward and again in the backward), sums their cross-entropy into ``self.loss``
+    and hands the model a zero-stride stand-in for the logits.
+
+    The loss is only right if nothing transforms the logits after the unembedding
+    (soft-capping, a logit scale): `check_output` raises unless the model returned the
+    stand-in untouched.
+    """
+
+    # Elements of one block's logits: 64 MB in fp32, whatever the vocabulary.
+    LOGIT_ELEMENTS = 1 << 24
+
+    def __init__(self, model, token_ids: torch.Tensor, positions: torch.Tensor):
+        positions = torch.unique(positions[positions > 0])  # sorted
+        if positions.numel() == 0:
+            raise StepflowError("the loss covers no predictable tokens")
+        self.unembed = model.unembed
+        self.vocab = int(model.cfg.d_vocab_out)
+        self.token_ids = token_ids
+        self.positions = positions
+        self.loss: Optional[torch.Tensor] = None
+        self.stand_in: Optional[torch.Tensor] = None
+
+    def _block_losses(self, unembed, resid, args, kwargs) -> torch.Tensor:
+        """Mean cross-entropy over ``self.positions``, from ``resid [1, pos, d_model]``.
+
+        Blocks are runs of consecutive positions, as long as the budget allows, even
+        when the loss scores only a few of them (``loss="answer"``): a matrix product
+        over a handful of rows takes another BLAS path than the dense mode's
+        whole-sequence one and rounds differently (measured: 1e-5 relative in the maps
+        of SmolLM2 with a 3-token answer), while blocks of hundreds of rows give the
+        dense mode's numbers bit for bit in every case measured.
+        """
+        predicting = (self.positions - 1).to(resid.device)
+        targets = self.token_ids.to(resid.device)[self.positions]
+
+        def block_sum(resid, start, stop, rows, block_targets):
+            logits = _at_least_fp32(unembed(resid[:, start:stop], *args, **kwargs)[0, rows])
+            return -torch.log_softmax(logits, dim=-1).gather(-1, block_targets[:, None]).sum()
+
+        length = max(1, self.LOGIT_ELEMENTS // self.vocab)
+        stop = int(predicting[-1]) + 1
+        lowest = max(0, min(int(predicting[0]), stop - length))
+        total = 0.0
+        for block_stop in range(stop, lowest, -length):
+            block_start = max(lowest, block_stop - length)
+            inside = (predicting >= block_start) & (predicting < block_stop)
+            if bool(inside.any()):
+                total = total + checkpoint(
+                    block_sum, resid, block_start, block_stop, predicting[inside] - block_start,
+                    targets[inside], use_reentrant=False,
+                )
+        return total / predicting.numel()
+
+    def __enter__(self):
+        original = self.unembed.forward
+
+        def forward(resid, *args, **kwargs):
+            self.loss = self._block_losses(original, resid, args, kwargs)
+            self.stand_in = resid.new_zeros(()).expand(*resid.shape[:-1], self.vocab)
+            return self.stand_in
+
+        vars(self.unembed)["forward"] = forward  # as in _checkpointed_blocks
+        return self
+
+    def __exit__(self, *exc):
+        vars(self.unembed).pop("forward", None)
+        return False
+
+    def check_output(self, output) -> torch.Tensor:
+        """The loss, once the model's ``output`` is known to be the untouched logits."""
+        if self.loss is None or output is not self.stand_in:
+            raise StepflowError(
+                "this model transforms its logits after the unembedding (e.g. soft-capping "
+                "or a logit scale), so bounded mode cannot compute the loss block by block; "
+                "use mode='dense' or pass the loss as a callable(logits, trace)"
+            )
+        return self.loss
 
 
 def _forward(model, a, tokens):

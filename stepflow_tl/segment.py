@@ -19,7 +19,6 @@ token; the rules below (``format_markers``, ``split_*``) are shared by both.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 
 from .backend import tokenizer_of
 from .errors import TraceError
+from .records import read_json_records
 
 KINDS = ("question", "thinking", "summary")
 FORMATS = ("r1", "harmony", "plain")
@@ -649,16 +649,7 @@ def load_traces(path, model_or_tok, format: str = "r1", **kw) -> List[Trace]:
     p = Path(path)
     if not p.exists():
         raise TraceError(f"trace file not found: {p}")
-    raw = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix == ".json":
-            records = json.loads(raw)
-            if isinstance(records, dict):
-                records = [records]
-        else:
-            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{p} is not valid JSON/JSONL: {e}") from None
+    records = read_json_records(p, error=TraceError)
     out = []
     for i, rec in enumerate(records):
         try:

@@ -91,6 +91,18 @@ def test_tiny_backends_agree(tiny_bridge, tiny_hooked):
     assert (_logprobs(tiny_bridge, ids) - _logprobs(tiny_hooked, ids)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["bridge", "hooked"] if HAS_HOOKED else ["bridge"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_and_device_are_applied_to_a_given_hf_model(tokenizer, backend, dtype):
+    """boot_transformers(hf_model=...) only records dtype/device; load_model applies them."""
+    hf = make_tiny_hf(n_layers=1, n_heads=2, n_kv_heads=1, d_model=32, seed=1)
+    model = load_model("tiny-llama", backend=backend, hf_model=hf, tokenizer=tokenizer, device="cpu", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with torch.no_grad():
+        assert model(torch.arange(5, 12)[None]).dtype == dtype
+
+
 def test_missing_local_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "no-such-model"))

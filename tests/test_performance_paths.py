@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BACKENDS
 from reference import pool_loop, reference_saliency
 from stepflow_tl.models import make_tiny_hf
 from stepflow_tl.pooling import block_sums, pair_counts, pool_to_steps, step_onehot
-from stepflow_tl.saliency import _LayerPooler, step_saliency
+from stepflow_tl import StepflowError
+from stepflow_tl.backend import adapter
+from stepflow_tl.models import load_model
+from stepflow_tl.saliency import _LayerPooler, _loss_in_unembedding, step_saliency
 from stepflow_tl.segment import Trace
 
 THINKING = (
@@ -92,8 +96,6 @@ def test_row_chunked_product_equals_whole_product(trace, monkeypatch, budget):
 
 
 def test_row_chunked_product_rejects_non_finite(trace, monkeypatch):
-    from stepflow_tl import StepflowError
-
     monkeypatch.setattr(_LayerPooler, "PRODUCT_ELEMENTS", 64)
     n_pos = trace.token_ids.shape[0]
     pattern = torch.full((1, 2, n_pos, n_pos), 0.5)
@@ -114,6 +116,67 @@ def test_bounded_with_tiny_chunks_matches_reference(tiny_model, trace, monkeypat
     dense = step_saliency(tiny_model, trace, pool=pool, mode="dense")
     assert float((bounded.maps - expected).abs().max() / expected.abs().max()) < 1e-6
     assert torch.allclose(bounded.maps, dense.maps, rtol=1e-12, atol=0)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def tiny_float64(request, tokenizer):
+    """The tiny model in float64: the block-wise loss's bookkeeping is then checked to
+    1e-12, far below fp32 rounding, which differs between matrix shapes."""
+    hf = make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
+    return load_model("tiny-llama", backend=request.param, hf_model=hf, tokenizer=tokenizer,
+                      device="cpu", dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss", ["sequence", "summary", "answer"])
+@pytest.mark.parametrize("block", [1, 3, 1 << 20])
+def test_blockwise_loss_equals_whole_logits_loss(tiny_float64, trace, monkeypatch, loss, block):
+    """Bounded mode computes built-in losses inside the unembedding, ``block`` positions
+    at a time; loss and maps are those of the dense mode's whole-sequence logits."""
+    dense = step_saliency(tiny_float64, trace, loss=loss, mode="dense")
+    monkeypatch.setattr(_loss_in_unembedding, "LOGIT_ELEMENTS", block * tiny_float64.cfg.d_vocab_out)
+    bounded = step_saliency(tiny_float64, trace, loss=loss, mode="bounded")
+    assert bounded.maps.abs().max() > 0
+    assert bounded.meta["loss_value"] == pytest.approx(dense.meta["loss_value"], rel=1e-12)
+    assert torch.allclose(bounded.maps, dense.maps, rtol=1e-12, atol=0)
+    assert "forward" not in vars(tiny_float64.unembed)
+
+
+def test_blockwise_loss_is_exact_in_fp32(tiny_model, trace):
+    """With the default budget the blocks are runs of consecutive positions, so fp32 maps
+    are the dense mode's bit for bit even when the loss scores three tokens."""
+    for loss in ("sequence", "answer"):
+        dense = step_saliency(tiny_model, trace, loss=loss, mode="dense")
+        bounded = step_saliency(tiny_model, trace, loss=loss, mode="bounded")
+        assert torch.equal(bounded.maps, dense.maps), loss
+
+
+def test_blockwise_loss_refuses_transformed_logits(tiny_model, tiny_hf, trace, monkeypatch):
+    """A model that changes its logits after the unembedding (soft-capping, a logit
+    scale) would make the block-wise loss wrong: bounded mode says so, dense still works,
+    and a callable loss (which gets the real logits) works in bounded mode too."""
+    if adapter(tiny_model).kind == "hooked":
+        monkeypatch.setattr(tiny_model.cfg, "output_logits_soft_cap", 5.0)
+        handle = None
+    else:  # a transformers-level change after lm_head, as Gemma-2's soft-cap is
+
+        def scale(module, args, output):
+            output.logits = output.logits * 0.5
+            return output
+
+        handle = tiny_hf.register_forward_hook(scale)
+    try:
+        with pytest.raises(StepflowError, match="transforms its logits after the unembedding"):
+            step_saliency(tiny_model, trace, mode="bounded")
+        assert "forward" not in vars(tiny_model.unembed)
+        dense = step_saliency(tiny_model, trace, mode="dense")
+        with_callable = step_saliency(
+            tiny_model, trace, mode="bounded",
+            loss=lambda logits, tr: torch.nn.functional.cross_entropy(logits[0, :-1], tr.token_ids[1:]),
+        )
+        assert torch.allclose(with_callable.maps, dense.maps, rtol=1e-5, atol=0)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def test_long_trace_helper_builds_exact_lengths(tokenizer):

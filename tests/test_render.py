@@ -9,7 +9,7 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from stepflow_tl.errors import StepflowError
+from stepflow_tl.saliency import StepSaliency
 from stepflow_tl.render import (
     METRIC_LEGEND,
     Report,
@@ -38,23 +39,7 @@ XSS = "<script>alert(1)</script>"
 XSS_IMG = "<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">"
 
 
-@dataclass
-class FakeResult:
-    """Stand-in with the fields of the StepSaliency result contract."""
-
-    maps: torch.Tensor
-    layers: list
-    n_model_layers: int
-    step_kinds: list
-    step_labels: list
-    map_kind: str = "saliency"
-    pool: str = "mean"
-    loss: str = "mean next-token cross-entropy"
-    head_maps: torch.Tensor | None = None
-    meta: dict = field(default_factory=dict)
-
-
-def make_result(n_layers=4, n_steps=6, seed=0, labels=None, meta=None) -> FakeResult:
+def make_result(n_layers=4, n_steps=6, seed=0, labels=None, meta=None) -> StepSaliency:
     g = torch.Generator().manual_seed(seed)
     # Lower-triangular like real causal step maps; deeper layers larger so scales differ.
     depth = torch.arange(1, n_layers + 1, dtype=torch.float64)[:, None, None]
@@ -62,12 +47,13 @@ def make_result(n_layers=4, n_steps=6, seed=0, labels=None, meta=None) -> FakeRe
     kinds = ["question"] + ["thinking"] * (n_steps - 2) + ["summary"]
     if labels is None:
         labels = [f"{k[0].upper()}{i}: step {i} text" for i, k in enumerate(kinds)]
-    return FakeResult(
+    return StepSaliency(
         maps=maps,
         layers=list(range(2, 2 + n_layers)),
         n_model_layers=n_layers + 2,
         step_kinds=kinds,
         step_labels=labels,
+        loss="mean next-token cross-entropy",
         meta=meta if meta is not None else {"trace_id": "t0", "correct": True},
     )
 

@@ -284,3 +284,10 @@ def test_load_traces_json_and_errors(tmp_path, tokenizer):
         load_traces(bad, tokenizer)
     with pytest.raises(TraceError, match="not found"):
         load_traces(tmp_path / "missing.jsonl", tokenizer)
+    broken = tmp_path / "c.jsonl"
+    broken.write_text(json.dumps({"question": Q, "output": "4"}) + "\n\n{\"question\": \n")
+    with pytest.raises(TraceError, match="c.jsonl, line 3: not valid JSON"):
+        load_traces(broken, tokenizer)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"data": [{"question": Q, "output": "Add.\n</think>\n\n4"}] * 2}))
+    assert len(load_traces(one, tokenizer)) == 2

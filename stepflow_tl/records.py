@@ -1,0 +1,39 @@
+"""Reading JSON records (problems, traces) with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Type
+
+from .errors import StepflowError
+
+
+def read_json_records(path: Path, error: Type[StepflowError] = StepflowError) -> list:
+    """The objects in ``path``: a ``.json`` file holding one object, a list of objects or
+    ``{"data": [objects]}``; any other file is JSON Lines, one object a line (blank
+    lines skipped). Raises ``error`` naming the file and line of the first bad record."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise error(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if isinstance(data, dict):
+            data = data["data"] if isinstance(data.get("data"), list) else [data]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise error(f"{path}: expected a JSON object, a list of objects or {{\"data\": [objects]}}")
+        return data
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}, line {line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
