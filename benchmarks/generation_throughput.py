@@ -1,4 +1,4 @@
-"""Benchmark 3: generation tokens/s with StepFlow vs plain, SmolLM2-135M.
+"""Benchmark 3: generation tokens/s with StepFlow vs plain (SmolLM2-135M unless ``--model``).
 
 ``stepflow_tl.generate.generate(model, prompts, max_new_tokens=256,
 interventions=[StepFlow()])`` against ``interventions=()``, greedy, batch 1 and batch 4
@@ -12,6 +12,8 @@ Run::
 
     .venv/bin/python benchmarks/generation_throughput.py
     .venv/bin/python benchmarks/generation_throughput.py --batch 1 --new-tokens 64 --repeats 1
+    python benchmarks/generation_throughput.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \
+        --device cuda --dtype bfloat16 --batch 1 16         # on a GPU, with your model
 """
 
 from __future__ import annotations
@@ -32,14 +34,20 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="bridge", choices=["bridge", "hooked"])
+    parser.add_argument("--model", default=None,
+                        help="hub name or local directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    short_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     args = parser.parse_args(argv)
 
+    from stepflow_tl.cli import DTYPES
     from stepflow_tl.generate import generate
     from stepflow_tl.interventions import StepFlow
     from stepflow_tl.models import load_model
 
     C.set_threads()
-    model = load_model(backend=args.backend, device="cpu")
+    model = load_model(args.model, backend=args.backend, device=args.device, dtype=DTYPES[args.dtype])
     records = [json.loads(line) for line in C.TRACES.read_text().splitlines() if line.strip()]
     questions = [r["question"] for r in records]
 
@@ -66,7 +74,9 @@ def main(argv=None) -> None:
                       f"{tps:.1f} tok/s ({n} tokens)", file=sys.stderr, flush=True)
         plain, flow = max(speed[False]), max(speed[True])
         rows.append([batch, tokens[False], tokens[True], f"{plain:.1f}", f"{flow:.1f}", f"{flow / plain:.2f}"])
-    print(f"Generation, SmolLM2-135M ({args.backend}), fp32, CPU, {C.n_threads()} threads, "
+    name = args.model or "SmolLM2-135M"
+    where = f"CPU, {C.n_threads()} threads" if args.device == "cpu" else args.device
+    print(f"Generation, {name} ({args.backend}), {short_dtype[args.dtype]}, {where}, "
           f"greedy, max_new_tokens={args.new_tokens}, best of {args.repeats} interleaved runs")
     print(C.table(["batch", "tokens plain", "tokens StepFlow", "plain tok/s", "StepFlow tok/s",
                    "ratio StepFlow/plain"], rows))

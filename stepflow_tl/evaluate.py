@@ -33,6 +33,7 @@ from .interventions import (
     StepMomentum,
 )
 from .problems import Problem
+from .records import json_lines
 from .study import ITEM_COLUMNS, StudyResult
 
 # Named conditions; each call builds fresh intervention objects.
@@ -194,13 +195,7 @@ def read_results(path, *, tolerate_partial: bool = False):
     if tolerate_partial and data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
     header, items = None, []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StepflowError(f"{path}, line {number}: not valid JSON ({e.msg}); the file is corrupt") from None
+    for number, record in json_lines(data.decode("utf-8"), path):
         kind = record.get("type") if isinstance(record, dict) else None
         if number == 1:
             if kind != "config" or record.get("version") != RESULTS_VERSION:

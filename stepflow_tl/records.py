@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Type
+from typing import Any, Iterator, Tuple, Type
 
 from .errors import StepflowError
 
@@ -25,15 +25,21 @@ def read_json_records(path: Path, error: Type[StepflowError] = StepflowError) ->
             raise error(f"{path}: expected a JSON object, a list of objects or {{\"data\": [objects]}}")
         return data
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}, line {line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise error(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, row in json_lines(path.read_text(encoding="utf-8"), path, error):
+        if not isinstance(row, dict):
+            raise error(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
+
+
+def json_lines(text: str, path, error: Type[StepflowError] = StepflowError) -> Iterator[Tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of the JSON Lines ``text`` read
+    from ``path``; ``error`` names the file and line of the first invalid one."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+        yield number, value

@@ -133,18 +133,18 @@ def test_bad_arguments(tiny_model):
 def test_interrupt_inside_a_hook_during_generation(tiny_model):
     calls = {"n": 0}
 
-    class Interrupt(StepMomentum):
-        def direction(self, run, layer, m, q_pos):
+    class Interrupt(OddsEqualBridge):  # OEB edits every decoded token, so this raises mid-decode
+        def edit(self, run, layer, *args):
             calls["n"] += 1
             if calls["n"] == 4:
                 raise KeyboardInterrupt
-            return super().direction(run, layer, m, q_pos)
+            return super().edit(run, layer, *args)
 
     tokens = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         before = tiny_model(tokens)
     with pytest.raises(KeyboardInterrupt):
-        generate(tiny_model, PROMPTS[0], max_new_tokens=10, interventions=[OddsEqualBridge(), Interrupt()])
+        generate(tiny_model, PROMPTS[0], max_new_tokens=10, interventions=[StepMomentum(), Interrupt()])
     assert_no_hooks(tiny_model)
     with torch.no_grad():
         assert torch.equal(tiny_model(tokens), before)

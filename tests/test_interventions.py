@@ -264,6 +264,23 @@ def test_oeb_decode_equals_full_forward(tiny_model):
     assert (full - clean).abs().max() > 1e-3
 
 
+def test_hooks_follow_a_replaced_state_of_the_same_length(tiny_model):
+    """OEB groups and SMI weights are built once per forward and shared by the layers; a
+    new state object of the same length is never served the old one's."""
+    other = make_state([-1, 0, 0, -1, 1, 1, 2, 2, 2, 3, 3, 3, -1, 4, 4, 4, 4, 4, 4, 4], KINDS)
+    flow = StepFlow(oeb=OddsEqualBridge(layers="all"), smi=StepMomentum(layers="all", alpha=0.5))
+    with torch.no_grad():
+        with flow.applied(tiny_model, other):
+            expected = tiny_model(TOKENS)
+        with apply_interventions([flow], tiny_model, make_state(LAYOUT, KINDS)) as runs:
+            first = tiny_model(TOKENS)
+            for run in runs:
+                run.state = other
+            second = tiny_model(TOKENS)
+    torch.testing.assert_close(second, expected, atol=0, rtol=0)
+    assert (first - second).abs().max() > 1e-4
+
+
 # ----------------------------------------------------------------------------- SMI
 def _expected_momentum(v, layout, kinds, pos, beta=0.0, window=None):
     """m [kv, d] at a new-step position from value vectors v [pos, kv, d], by hand."""
@@ -337,6 +354,36 @@ def test_smi_decode_equals_full_forward(tiny_model):
                 logits, dstate = a.decode(dstate, TOKENS[:, t:t + 1])
                 steps.append(logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1)[0], full[0, 5:], atol=2e-4, rtol=1e-4)
+
+
+def test_step_start_hint_skips_exactly(tiny_model):
+    """`StepState.appended` records on the host whether the new position starts a step;
+    SMI skips decoding steps without one and gives the logits and events of computing them."""
+    a = adapter(tiny_model)
+    state = make_state(LAYOUT, KINDS)
+    fields = ("segment_code", "step_id", "current_segment", "new_step", "prefill")
+
+    def cut(n):  # built without the hint (None): every step computed
+        return StepState(*(getattr(state, f)[:, :n] for f in fields), state.pad, state.row_seed)
+
+    results = {}
+    for hinted in (False, True):
+        smi = StepMomentum(layers="all", alpha=1.0)
+        with torch.no_grad(), smi.applied(tiny_model, cut(6)) as run:
+            logits, dstate = a.prefill(TOKENS[:, :6], torch.ones(1, 6, dtype=torch.long))
+            steps = [logits[:, -1]]
+            for t in range(6, 20):
+                if hinted:
+                    run.state = run.state.appended(*(getattr(state, f)[:, t] for f in fields[:4]))
+                    assert run.state.last_starts_step is bool(state.new_step[0, t])
+                else:
+                    run.state = cut(t + 1)
+                    assert run.state.last_starts_step is None
+                logits, dstate = a.decode(dstate, TOKENS[:, t:t + 1])
+                steps.append(logits[:, -1])
+        results[hinted] = (torch.stack(steps, 1), [(e.layer, e.position, e.n_heads) for e in run.events()])
+    torch.testing.assert_close(results[True][0], results[False][0], atol=0, rtol=0)
+    assert results[True][1] == results[False][1] and results[True][1]
 
 
 # ----------------------------------------------------------------------------- controls

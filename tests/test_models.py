@@ -96,7 +96,8 @@ def test_tiny_backends_agree(tiny_bridge, tiny_hooked):
 def test_dtype_and_device_are_applied_to_a_given_hf_model(tokenizer, backend, dtype):
     """boot_transformers(hf_model=...) only records dtype/device; load_model applies them."""
     hf = make_tiny_hf(n_layers=1, n_heads=2, n_kv_heads=1, d_model=32, seed=1)
-    model = load_model("tiny-llama", backend=backend, hf_model=hf, tokenizer=tokenizer, device="cpu", dtype=dtype)
+    model = load_model("tiny-llama", backend=backend, hf_model=hf, tokenizer=tokenizer,
+                       device="cpu", dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     with torch.no_grad():

@@ -7,6 +7,8 @@ docs/performance.md, not asserted here (the machine is shared and noisy).
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,11 +17,10 @@ import torch
 
 from conftest import BACKENDS
 from reference import pool_loop, reference_saliency
-from stepflow_tl.models import make_tiny_hf
-from stepflow_tl.pooling import block_sums, pair_counts, pool_to_steps, step_onehot
 from stepflow_tl import StepflowError
 from stepflow_tl.backend import adapter
-from stepflow_tl.models import load_model
+from stepflow_tl.models import load_model, make_tiny_hf
+from stepflow_tl.pooling import block_sums, pair_counts, pool_to_steps, step_onehot
 from stepflow_tl.saliency import _LayerPooler, _loss_in_unembedding, step_saliency
 from stepflow_tl.segment import Trace
 
@@ -189,3 +190,20 @@ def test_long_trace_helper_builds_exact_lengths(tokenizer):
         assert long.token_ids.shape[0] == n_tokens
         assert long.n_steps >= 5
         assert long.step_kinds[0] == "question"
+
+
+def test_generation_benchmark_runs_on_a_given_model():
+    """Benchmark 3 with ``--model`` (here the tiny model): one short run prints its table."""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/generation_throughput.py", "--model", "tiny", "--batch", "1",
+         "--new-tokens", "4", "--repeats", "1"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Generation, tiny (bridge), fp32, CPU, 1 threads, greedy, max_new_tokens=4" in out.stdout
+    row = re.search(r"\|\s+1 \|\s+(\d+) \|\s+(\d+) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+) \|", out.stdout)
+    assert row, out.stdout
+    assert 1 <= int(row.group(1)) <= 4 and 1 <= int(row.group(2)) <= 4
+    assert float(row.group(3)) > 0 and float(row.group(4)) > 0
+

@@ -66,7 +66,9 @@ class StepState:
     """Per-row step structure of the sequence a model is running, as device tensors.
 
     All ``[batch, pos]`` tensors cover every position of the sequence processed so far
-    (left padding included); `generate` appends one column per decoded token.
+    (left padding included); `generate` makes a new state with one more column per
+    decoded token (`appended`). A state is never changed in place: hooks may reuse what
+    they derived from the same state object (the attention groups, once per forward).
 
     Attributes:
         segment_code: ``[batch, pos]`` int8, segment of each token: 0 markup/pad,
@@ -84,6 +86,9 @@ class StepState:
         phase: host-side hint, ``"prefill"`` while `generate` runs the prompt (every
             query is a prompt token, so interventions without ``during_prefill`` skip
             the pass without looking at device tensors), else ``"full"``.
+        last_starts_step: host-side hint, whether any row's last position starts a step
+            (``new_step``); ``None`` when unknown. Lets SMI skip, without a device sync,
+            the decoding steps where it cannot inject (most of them).
     """
 
     segment_code: torch.Tensor
@@ -94,6 +99,7 @@ class StepState:
     pad: torch.Tensor
     row_seed: torch.Tensor
     phase: str = "full"
+    last_starts_step: Optional[bool] = None
 
     @property
     def n_pos(self) -> int:
@@ -148,6 +154,7 @@ class StepState:
             prefill=prefill.to(device),
             pad=torch.tensor(pads, dtype=torch.int64, device=device),
             row_seed=torch.tensor(list(row_seeds), dtype=torch.int64, device=device),
+            last_starts_step=any(bool(r.new_step[-1]) for r in rows if r.new_step),
         )
 
     def appended(self, segment_code, step_id, current_segment, new_step) -> "StepState":
@@ -161,6 +168,8 @@ class StepState:
             new_step=cat(self.new_step, new_step),
             prefill=cat(self.prefill, torch.zeros_like(new_step, dtype=torch.bool)),
             phase="full",
+            # generate builds the new column on the host, where reading it costs no sync
+            last_starts_step=bool(new_step.any()) if new_step.device.type == "cpu" else None,
         )
 
 

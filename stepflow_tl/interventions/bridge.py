@@ -167,8 +167,11 @@ class _AttentionIntervention(Intervention):
         run = InterventionRun(self.name, state)
         bridge_of = torch.tensor(_BRIDGE_OF, dtype=torch.int8, device=state.device)
         sinks = torch.tensor(self.sink_positions or (-1,), dtype=torch.int64, device=state.device)
+        # Every edited layer of one forward sees the same state and shapes, hence the same
+        # groups: build them once per forward, not once per layer.
+        memo: dict = {}
         for layer in layers:
-            run.hooks.append((attn_hook(layer, "attn_scores"), self._hook(run, layer, bridge_of, sinks)))
+            run.hooks.append((attn_hook(layer, "attn_scores"), self._hook(run, layer, bridge_of, sinks, memo)))
         return run
 
     def groups(self, run: InterventionRun, q_len: int, k_len: int, bridge_of, sinks):
@@ -196,12 +199,17 @@ class _AttentionIntervention(Intervention):
             active = ~st.prefill[:, k_len - q_len:]
         return s_mask[:, None], b_mask[:, None], sink[:, None, None, :], usable[:, None], active[:, None], q_pos
 
-    def _hook(self, run, layer, bridge_of, sinks):
+    def _hook(self, run, layer, bridge_of, sinks, memo):
         def hook(scores, hook):
             if run.state.phase == "prefill" and not self.during_prefill:
                 return scores
             q_len, k_len = scores.shape[-2], scores.shape[-1]
-            s_mask, b_mask, sink, usable, active, q_pos = self.groups(run, q_len, k_len, bridge_of, sinks)
+            # StepState is never changed in place (generate makes a new one per token),
+            # so the same object and shapes mean the same groups.
+            if memo.get("state") is not run.state or memo.get("shape") != (q_len, k_len):
+                memo.update(state=run.state, shape=(q_len, k_len),
+                            groups=self.groups(run, q_len, k_len, bridge_of, sinks))
+            s_mask, b_mask, sink, usable, active, q_pos = memo["groups"]
             return self.edit(run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos)
 
         return hook
@@ -226,7 +234,7 @@ class OddsEqualBridge(_AttentionIntervention):
 
     def edit(self, run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos):
         res = odds_equal_edit(scores, s_mask, b_mask, sink, self.tau_max, active=active)
-        run.record("attn", layer, int(q_pos[0]) if len(q_pos) else 0,
+        run.record("attn", layer, scores.shape[-1] - scores.shape[-2],
                    fired=res.fired, lambda_b=res.lambda_b, lambda_s=res.lambda_s, kl=res.kl)
         return res.scores
 
@@ -249,7 +257,7 @@ class RandomBridge(_AttentionIntervention):
         n_b = b_mask[:, 0].sum(-1, keepdim=True)
         random_b = (rank < n_b) & candidates
         res = odds_equal_edit(scores, s_mask, random_b[:, None], sink, self.tau_max, active=active)
-        run.record("attn", layer, int(q_pos[0]) if len(q_pos) else 0,
+        run.record("attn", layer, scores.shape[-1] - scores.shape[-2],
                    fired=res.fired, lambda_b=res.lambda_b, lambda_s=res.lambda_s, kl=res.kl)
         return res.scores
 
@@ -280,7 +288,7 @@ class MatchedLogitNoise(_AttentionIntervention):
         c, achieved = matched_noise_scale(scores32, noise, oeb.kl, n_steps=self.n_steps)
         new = torch.where(usable & oeb.fired[..., None], (scores32 + c[..., None] * noise).to(scores.dtype), scores)
         zero = torch.zeros_like(c)
-        run.record("attn", layer, int(q_pos[0]) if len(q_pos) else 0,
+        run.record("attn", layer, scores.shape[-1] - scores.shape[-2],
                    fired=oeb.fired, lambda_b=zero, lambda_s=zero, kl=torch.where(oeb.fired, achieved, zero),
                    target_kl=oeb.kl, scale=c)
         return new

@@ -64,10 +64,11 @@ class StepMomentum(Intervention):
         run = InterventionRun(self.name, state)
         group = a.n_heads // a.n_kv_heads
         head_to_kv = torch.arange(a.n_heads, device=state.device) // group
+        memo: dict = {}  # the key weights of the current forward, shared by its layers
         for layer in layers:
             values: Dict[str, torch.Tensor] = {}
             run.hooks.append((attn_hook(layer, "v"), self._v_hook(run, values)))
-            run.hooks.append((attn_hook(layer, "z"), self._z_hook(run, layer, values, head_to_kv)))
+            run.hooks.append((attn_hook(layer, "z"), self._z_hook(run, layer, values, head_to_kv, memo)))
         return run
 
     def _v_hook(self, run, values):
@@ -93,10 +94,14 @@ class StepMomentum(Intervention):
 
         return hook
 
-    def momentum(self, state: StepState, v_hist: torch.Tensor, q_len: int) -> torch.Tensor:
-        """``m`` ``[b, q, kv, d_head]`` (fp32) for the last ``q_len`` positions."""
+    def key_weights(self, state: StepState, q_len: int) -> torch.Tensor:
+        """``w`` ``[b, q, k]`` (fp32) for the last ``q_len`` positions: the momentum of
+        query ``q`` is ``m = sum_k w[q, k] v_k``, ``[b, q, kv, d_head]``.
+
+        Depends on the state only, not on the layer, so one forward computes it once.
+        """
         b, k_len = state.segment_code.shape
-        dev = v_hist.device
+        dev = state.device
         k_pos = torch.arange(k_len, device=dev)
         q_pos = k_pos[k_len - q_len:]
         sid = state.step_id.long()  # [b, k]
@@ -116,20 +121,25 @@ class StepMomentum(Intervention):
         step_weight = (1.0 - self.beta) * torch.pow(torch.tensor(self.beta, device=dev), lag.clamp_min(0))
         is_first = sid[:, None, :] == first[:, None, None]
         step_weight = torch.where(is_first, torch.pow(torch.tensor(self.beta, device=dev), lag.clamp_min(0)), step_weight)
-        w = torch.where(earlier, step_weight / key_count[:, None, :], torch.zeros_like(step_weight))
-        return torch.einsum("bqk,bkvd->bqvd", w, v_hist.float())
+        return torch.where(earlier, step_weight / key_count[:, None, :], torch.zeros_like(step_weight))
 
     def direction(self, run, layer: int, m_heads: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """What is added to z: ``alpha * m`` ``[b, q, head, d_head]``."""
         return self.alpha * m_heads
 
-    def _z_hook(self, run, layer, values, head_to_kv):
+    def _z_hook(self, run, layer, values, head_to_kv, memo):
         def hook(z, hook):
             st = run.state
             if st.phase == "prefill" and not self.during_prefill:
                 return z
             q_len, k_len = z.shape[1], st.n_pos
-            m = self.momentum(st, values["v"][:, :k_len], q_len)[:, :, head_to_kv]  # [b, q, head, d]
+            if q_len == 1 and st.last_starts_step is False:
+                return z  # a decoded token that starts no step: nothing fires
+            # a StepState is never changed in place: same object and length, same weights
+            if memo.get("state") is not st or memo.get("q_len") != q_len:
+                memo.update(state=st, q_len=q_len, weights=self.key_weights(st, q_len))
+            v_hist = values["v"][:, :k_len].float()  # [b, k, kv, d]
+            m = torch.einsum("bqk,bkvd->bqvd", memo["weights"], v_hist)[:, :, head_to_kv]  # [b, q, head, d]
             q_pos = torch.arange(k_len - q_len, k_len, device=z.device)
             add = self.direction(run, layer, m, q_pos)
             fire = st.new_step[:, k_len - q_len:]
