@@ -1,4 +1,4 @@
-"""Reading JSON records (problems, traces) with errors that name the file and line."""
+"""Reading JSON records (traces, problems, results) with errors that name the file and line."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -244,6 +244,25 @@ class InterventionEvent:
     lambda_s: float = float("nan")
     kl: float = float("nan")
     injected_norm: float = float("nan")
+
+
+class PerStateCache:
+    """The last value built from one `StepState` object and a key (e.g. shapes).
+
+    The edited layers of one forward see the same state, so they share what is derived
+    from it. States are never changed in place, so the same object and key mean the same
+    value; a new state object (the next token) rebuilds it.
+    """
+
+    def __init__(self):
+        self._state: Optional[StepState] = None
+        self._key: Any = None
+        self._value: Any = None
+
+    def get(self, state: StepState, key: Any, build: Callable[[], Any]) -> Any:
+        if self._state is not state or self._key != key:
+            self._state, self._key, self._value = state, key, build()
+        return self._value
 
 
 class InterventionRun:

@@ -16,6 +16,7 @@ from .base import (
     Intervention,
     InterventionRun,
     LayerSpec,
+    PerStateCache,
     StepState,
     hash_normal,
     hash_uniform,
@@ -167,11 +168,9 @@ class _AttentionIntervention(Intervention):
         run = InterventionRun(self.name, state)
         bridge_of = torch.tensor(_BRIDGE_OF, dtype=torch.int8, device=state.device)
         sinks = torch.tensor(self.sink_positions or (-1,), dtype=torch.int64, device=state.device)
-        # Every edited layer of one forward sees the same state and shapes, hence the same
-        # groups: build them once per forward, not once per layer.
-        memo: dict = {}
+        groups = PerStateCache()  # built once per forward, shared by the layers
         for layer in layers:
-            run.hooks.append((attn_hook(layer, "attn_scores"), self._hook(run, layer, bridge_of, sinks, memo)))
+            run.hooks.append((attn_hook(layer, "attn_scores"), self._hook(run, layer, bridge_of, sinks, groups)))
         return run
 
     def groups(self, run: InterventionRun, q_len: int, k_len: int, bridge_of, sinks):
@@ -199,17 +198,14 @@ class _AttentionIntervention(Intervention):
             active = ~st.prefill[:, k_len - q_len:]
         return s_mask[:, None], b_mask[:, None], sink[:, None, None, :], usable[:, None], active[:, None], q_pos
 
-    def _hook(self, run, layer, bridge_of, sinks, memo):
+    def _hook(self, run, layer, bridge_of, sinks, groups: PerStateCache):
         def hook(scores, hook):
             if run.state.phase == "prefill" and not self.during_prefill:
                 return scores
             q_len, k_len = scores.shape[-2], scores.shape[-1]
-            # StepState is never changed in place (generate makes a new one per token),
-            # so the same object and shapes mean the same groups.
-            if memo.get("state") is not run.state or memo.get("shape") != (q_len, k_len):
-                memo.update(state=run.state, shape=(q_len, k_len),
-                            groups=self.groups(run, q_len, k_len, bridge_of, sinks))
-            s_mask, b_mask, sink, usable, active, q_pos = memo["groups"]
+            s_mask, b_mask, sink, usable, active, q_pos = groups.get(
+                run.state, (q_len, k_len), lambda: self.groups(run, q_len, k_len, bridge_of, sinks)
+            )
             return self.edit(run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos)
 
         return hook

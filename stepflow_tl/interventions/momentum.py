@@ -9,7 +9,9 @@ import torch
 
 from ..backend import adapter, attn_hook
 from ..errors import StepflowError
-from .base import THINKING, Intervention, InterventionRun, LayerSpec, StepState, hash_normal, resolve_layers
+from .base import (
+    THINKING, Intervention, InterventionRun, LayerSpec, PerStateCache, StepState, hash_normal, resolve_layers,
+)
 
 # --------------------------------------------------------------------------- momentum
 class StepMomentum(Intervention):
@@ -64,11 +66,11 @@ class StepMomentum(Intervention):
         run = InterventionRun(self.name, state)
         group = a.n_heads // a.n_kv_heads
         head_to_kv = torch.arange(a.n_heads, device=state.device) // group
-        memo: dict = {}  # the key weights of the current forward, shared by its layers
+        weights = PerStateCache()  # built once per forward, shared by the layers
         for layer in layers:
             values: Dict[str, torch.Tensor] = {}
             run.hooks.append((attn_hook(layer, "v"), self._v_hook(run, values)))
-            run.hooks.append((attn_hook(layer, "z"), self._z_hook(run, layer, values, head_to_kv, memo)))
+            run.hooks.append((attn_hook(layer, "z"), self._z_hook(run, layer, values, head_to_kv, weights)))
         return run
 
     def _v_hook(self, run, values):
@@ -127,7 +129,7 @@ class StepMomentum(Intervention):
         """What is added to z: ``alpha * m`` ``[b, q, head, d_head]``."""
         return self.alpha * m_heads
 
-    def _z_hook(self, run, layer, values, head_to_kv, memo):
+    def _z_hook(self, run, layer, values, head_to_kv, weights: PerStateCache):
         def hook(z, hook):
             st = run.state
             if st.phase == "prefill" and not self.during_prefill:
@@ -135,11 +137,9 @@ class StepMomentum(Intervention):
             q_len, k_len = z.shape[1], st.n_pos
             if q_len == 1 and st.last_starts_step is False:
                 return z  # a decoded token that starts no step: nothing fires
-            # a StepState is never changed in place: same object and length, same weights
-            if memo.get("state") is not st or memo.get("q_len") != q_len:
-                memo.update(state=st, q_len=q_len, weights=self.key_weights(st, q_len))
+            w = weights.get(st, q_len, lambda: self.key_weights(st, q_len))  # [b, q, k]
             v_hist = values["v"][:, :k_len].float()  # [b, k, kv, d]
-            m = torch.einsum("bqk,bkvd->bqvd", memo["weights"], v_hist)[:, :, head_to_kv]  # [b, q, head, d]
+            m = torch.einsum("bqk,bkvd->bqvd", w, v_hist)[:, :, head_to_kv]  # [b, q, head, d]
             q_pos = torch.arange(k_len - q_len, k_len, device=z.device)
             add = self.direction(run, layer, m, q_pos)
             fire = st.new_step[:, k_len - q_len:]
