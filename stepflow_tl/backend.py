@@ -12,12 +12,14 @@ this plugin relies on are
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Tuple
 
 import torch
 
-from .errors import UnsupportedModelError
+from .errors import StepflowError, UnsupportedModelError
 
 
 def attn_hook(layer: int, name: str) -> str:
@@ -90,6 +92,10 @@ class ModelAdapter:
     ) -> Tuple[torch.Tensor, DecodeState]:
         """Run the prompt and start a KV cache.
 
+        The cache object is created here and handed to the model, which extends it in
+        place; it is never read back from the model's output, whose field name changes
+        between transformers releases (``past_key_values`` became ``cache`` in 5.24).
+
         Args:
             tokens: ``[batch, pos]``, left-padded.
             attention_mask: ``[batch, pos]``, 0 on padding.
@@ -105,30 +111,57 @@ class ModelAdapter:
             )
             logits = self.model(tokens, attention_mask=attention_mask, past_kv_cache=cache)
         else:
-            logits, cache = self.model(
-                tokens,
-                return_type="logits_and_cache",
-                attention_mask=attention_mask,
-                use_cache=True,
-            )
-        return logits, DecodeState(cache, attention_mask)
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.original_model.config)
+            with _attention_sees_cache(self.model):
+                logits = self.model(tokens, attention_mask=attention_mask, **self._cache_kwargs(cache))
+        state = DecodeState(cache, attention_mask)
+        self._check_cache(state)
+        return logits, state
 
     def decode(
         self, state: DecodeState, next_tokens: torch.Tensor
     ) -> Tuple[torch.Tensor, DecodeState]:
-        """One decoding step: ``next_tokens`` ``[batch, 1]`` -> logits ``[batch, 1, vocab]``."""
+        """One decoding step: ``next_tokens`` ``[batch, 1]`` -> logits ``[batch, 1, vocab]``.
+
+        Raises `StepflowError` if the cache did not grow by this step's token: the new
+        token's attention would then have seen fewer keys than the tokens so far.
+        """
         ones = torch.ones_like(next_tokens, dtype=state.attention_mask.dtype)
         mask = torch.cat([state.attention_mask, ones], dim=1)
         if self.kind == "hooked":
             logits = self.model(next_tokens, attention_mask=ones, past_kv_cache=state.cache)
-            return logits, DecodeState(state.cache, mask)
-        logits, cache = self.model(
-            next_tokens,
-            return_type="logits_and_cache",
-            attention_mask=mask,
-            past_key_values=state.cache,
-        )
-        return logits, DecodeState(cache, mask)
+        else:
+            with _attention_sees_cache(self.model):
+                logits = self.model(next_tokens, attention_mask=mask, **self._cache_kwargs(state.cache))
+        new_state = DecodeState(state.cache, mask)
+        self._check_cache(new_state)
+        return logits, new_state
+
+    def _cache_kwargs(self, cache) -> dict:
+        """How to hand ``cache`` to the wrapped transformers model: under the keyword its
+        ``forward`` declares (``cache`` from transformers 5.24 on, ``past_key_values``
+        before), so no release's deprecation path is relied on."""
+        forward = self.model.original_model.forward
+        name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        return {name: cache, "use_cache": True}
+
+    def _check_cache(self, state: DecodeState) -> None:
+        """The KV cache must hold one entry per position seen (padding included)."""
+        if self.kind == "hooked":
+            held = state.cache.entries[0].past_keys.shape[1]
+        else:
+            held = state.cache.get_seq_length()
+        expected = state.attention_mask.shape[1]
+        if held != expected:
+            raise StepflowError(
+                f"the KV cache holds {held} positions after {expected} tokens were run: the "
+                f"model did not extend the cache it was given, so attention would silently see "
+                f"only part of the sequence. This TransformerLens/transformers pair is not "
+                f"supported for cached decoding; install the versions in the lock files "
+                f"(see docs/installation.md)"
+            )
 
     # ------------------------------------------------------------------ checks
     def check_attention_editable(self) -> None:
@@ -164,6 +197,30 @@ class ModelAdapter:
                 "attention output (the hooks fire after attention is computed); attention "
                 "interventions would be silently discarded"
             )
+
+
+@contextlib.contextmanager
+def _attention_sees_cache(bridge):
+    """Let the bridge's attention components find the KV cache under either keyword.
+
+    From transformers 5.24 on, decoder layers hand the cache to their attention module
+    as ``cache=``; TransformerLens 4.3's attention bridges, which replace those modules,
+    read only ``past_key_values=`` and otherwise skip the cache update, so every decode
+    step would attend to itself alone. A forward pre-hook adds the old keyword.
+    """
+    handles = [block.attn.register_forward_pre_hook(_alias_cache_keyword, with_kwargs=True)
+               for block in bridge.blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _alias_cache_keyword(module, args, kwargs):
+    if kwargs.get("cache") is not None and "past_key_values" not in kwargs:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None
 
 
 def _is_hooked_transformer(model) -> bool:

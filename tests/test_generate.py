@@ -49,6 +49,26 @@ def test_greedy_equals_uncached_reference(tiny_model):
     assert res.prefill_s > 0 and res.decode_s > 0 and res.tokens_per_s > 0
 
 
+@pytest.mark.parametrize("interventions", [(), (StepFlow(),)], ids=["plain", "stepflow"])
+def test_a_cache_that_stops_growing_is_an_error(tiny_model, monkeypatch, interventions):
+    """The transformers 5.24 failure: the model runs each decode step without the KV
+    cache, so attention sees only the new token. That must raise, not return garbage."""
+    forward = tiny_model.forward
+
+    def forgetful(tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            for name in ("cache", "past_key_values", "past_kv_cache", "use_cache"):
+                kwargs.pop(name, None)
+            kwargs["attention_mask"] = kwargs["attention_mask"][:, -1:]
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", forgetful)
+    # With interventions the StepState check inside the hooks may fire first.
+    with pytest.raises(StepflowError, match="KV cache holds|model sees"):
+        generate(tiny_model, PROMPTS[0], max_new_tokens=4, interventions=interventions)
+    assert_no_hooks(tiny_model)
+
+
 @pytest.mark.parametrize("interventions", [(), (StepFlow(oeb=OddsEqualBridge(layers="all"),
                                                           smi=StepMomentum(layers="all", alpha=0.5)),)],
                          ids=["plain", "stepflow"])
