@@ -19,6 +19,13 @@ def _has_hooked_transformer() -> bool:
 
 
 HAS_HOOKED = _has_hooked_transformer()
+
+
+def pytest_report_header(config):
+    """Which lane this is: the versions that decide whether the suite passes."""
+    from importlib.metadata import version
+
+    return "lane: " + ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "transformer-lens"))
 # The real traces live in shared/, beside the repository (CI clones main next to it).
 R1_TRACES = next(
     (p for p in (Path(__file__).resolve().parents[2] / "shared" / "data" / "r1_traces.jsonl",
