@@ -80,7 +80,7 @@ def long_trace(model_or_tok, n_tokens: int):
     ``Trace.from_text(..., truncate=True)``. The summary is the last record's, and is
     usually cut off, which ``loss="sequence"`` does not need.
     """
-    from stepflow_tl.segment import Trace, render_prompt
+    from stepflow_tl import Trace, render_prompt
 
     records = [json.loads(line) for line in TRACES.read_text().splitlines() if line.strip()]
     prompt = render_prompt(model_or_tok, records[0]["question"]) + "<think>\n"

@@ -1,6 +1,6 @@
 """Benchmark 3: generation tokens/s with StepFlow vs plain (SmolLM2-135M unless ``--model``).
 
-``stepflow_tl.generate.generate(model, prompts, max_new_tokens=256,
+``stepflow_tl.generate(model, prompts, max_new_tokens=256,
 interventions=[StepFlow()])`` against ``interventions=()``, greedy, batch 1 and batch 4
 (questions of ``r1_traces.jsonl``). Both variants run in the same process, interleaved
 (plain, StepFlow, StepFlow, plain, ...), ``--repeats`` times each after one warm-up
@@ -41,13 +41,10 @@ def main(argv=None) -> None:
     short_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     args = parser.parse_args(argv)
 
-    from stepflow_tl.cli import DTYPES
-    from stepflow_tl.generate import generate
-    from stepflow_tl.interventions import StepFlow
-    from stepflow_tl.models import load_model
+    from stepflow_tl import DTYPES, StepFlow, generate, load_model
 
     C.set_threads()
-    model = load_model(args.model, backend=args.backend, device=args.device, dtype=DTYPES[args.dtype])
+    model = load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
     records = [json.loads(line) for line in C.TRACES.read_text().splitlines() if line.strip()]
     questions = [r["question"] for r in records]
 

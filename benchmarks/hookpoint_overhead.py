@@ -31,9 +31,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from stepflow_tl.backend import adapter
-    from stepflow_tl.hookpoints import attach_trace
-    from stepflow_tl.models import load_model
+    from stepflow_tl import attach_trace, load_model
+    from stepflow_tl.tl import adapter
 
     C.set_threads()
     model = load_model(backend=args.backend, device="cpu")

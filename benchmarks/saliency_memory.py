@@ -30,8 +30,7 @@ import _common as C  # noqa: E402
 def worker(args) -> None:
     import torch
 
-    from stepflow_tl.models import load_model
-    from stepflow_tl.saliency import step_saliency
+    from stepflow_tl import load_model, step_saliency
 
     C.set_threads()
     model = load_model(backend=args.backend, device="cpu")

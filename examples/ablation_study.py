@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepflow_tl import load_model
-from stepflow_tl.cli import DTYPES
-from stepflow_tl.evaluate import evaluate
-from stepflow_tl.problems import builtin_suite, load_problems
+from stepflow_tl import DTYPES, builtin_suite, evaluate, load_model, load_problems
 
 
 def main() -> None:
@@ -34,7 +31,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 problems, 2 conditions, 24 tokens (CI)")
     args = parser.parse_args()
 
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     problems = load_problems(args.problems) if args.problems else builtin_suite(n_per_level=4, levels=(1, 2, 3))
     conditions = ["baseline", "stepflow", "random_stepflow", "oeb", "smi", "matched_noise", "random_momentum"]
     if args.quick:

@@ -16,9 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from stepflow_tl import Trace, load_model, step_saliency
-from stepflow_tl.cli import DTYPES
-from stepflow_tl.render import plot_step_map
+from stepflow_tl import DTYPES, Trace, load_model, step_saliency
+from stepflow_tl.viz import plot_step_map
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "r1_traces.jsonl"
 
@@ -34,7 +33,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few layers only (CI)")
     args = parser.parse_args()
 
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     with open(args.traces) as lines:
         record = json.loads(lines.readlines()[args.record])
     trace = Trace.from_record(model, record)

@@ -15,8 +15,7 @@ import argparse
 
 import torch
 
-from stepflow_tl import Trace, attach_trace, load_model
-from stepflow_tl.cli import DTYPES
+from stepflow_tl import DTYPES, Trace, attach_trace, load_model
 
 QUESTION = "A shop sells pens at 3 dollars each. Mia buys 4 pens and pays with a 20 dollar note. How much change does she get?"
 THINKING = (
@@ -47,7 +46,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="knock out the question step only (CI)")
     args = parser.parse_args()
 
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     trace = Trace.from_parts(model, question=QUESTION, thinking=THINKING, summary=SUMMARY)
     base = summary_logprob(model, trace)
     print(f"{trace.n_steps} steps; summary log-prob with nothing knocked out: {base:.3f}")

@@ -1,44 +1,47 @@
 """stepflow_tl: Step-Saliency and StepFlow for reasoning models, on TransformerLens.
 
-Implements "Reasoning Fails Where Step Flow Breaks" (arXiv 2604.06695). The package
-reads like the method:
+Implements "Reasoning Fails Where Step Flow Breaks" (arXiv 2604.06695); docs/method.md
+states the method, docs/architecture.md the layout. Everything a researcher needs is
+importable from here, and only from here; specialised tools live in their subpackage
+(`stepflow_tl.stats`, `stepflow_tl.viz`, `stepflow_tl.study`, ...):
 
-- `segment` / `tracker`: traces, steps and exact token offsets, offline and online;
-- `hookpoints`: step-level hook points for ``run_with_hooks`` / ``run_with_cache``;
-- `pooling`: token-level ``[.., q, k]`` maps to step-level ``[.., step_q, step_k]``;
-- `saliency`: Step-Saliency (dense, bounded-memory, from a cache) and step attention;
-- `diagnostics` / `stats`: Shallow Lock-in, Deep Decay, group comparisons;
-- `interventions` / `generate`: StepFlow (OEB, SMI) and matched controls in KV-cached decoding;
-- `problems` / `grading` / `evaluate`: paired studies and ablations;
-- `render`: circuitsvis step maps and self-contained HTML reports.
+- traces: `Trace`, `load_traces`, `StepTracker`, `attach_trace` (step hook points),
+  `pool_to_steps`;
+- Step-Saliency: `step_saliency`, `step_saliency_from_cache`, `step_attention`, the
+  `StepSaliency` result, `diagnose` / `compare` (Shallow Lock-in, Deep Decay);
+- StepFlow: `StepFlow`, `OddsEqualBridge`, `StepMomentum`, the matched controls,
+  `generate` (KV-cached, steps tracked online), `StepState`;
+- studies: `load_problems`, `builtin_suite`, `evaluate`, `ablate`, `load_study`,
+  `StudyResult`;
+- models: `load_model`, `model_info`.
 """
 
-from .backend import adapter
-from .diagnostics import Diagnostics, compare, diagnose
 from .errors import ModelLoadError, StepflowError, TraceError, UnsupportedModelError
-from .generate import Generation, generate
-from .hookpoints import attach_trace
 from .interventions import (
+    Generation,
+    Intervention,
     MatchedLogitNoise,
     OddsEqualBridge,
     RandomBridge,
     RandomMomentum,
     StepFlow,
     StepMomentum,
+    StepState,
+    generate,
 )
-from .models import load_model, model_info
-from .pooling import pool_to_steps
-from .saliency import StepSaliency, step_attention, step_saliency, step_saliency_from_cache
-from .segment import Step, Trace, load_traces
-from .tracker import StepEvent, StepTracker
+from .saliency import Diagnostics, StepSaliency, compare, diagnose, step_attention, step_saliency, step_saliency_from_cache
+from .study import Problem, StudyResult, ablate, builtin_suite, evaluate, load_problems, load_study
+from .tl import DTYPES, load_model, model_info
+from .traces import Step, StepEvent, StepTracker, Trace, TraceWarning, attach_trace, load_traces, pool_to_steps
+from .traces.formats import render_prompt
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Diagnostics", "Generation", "MatchedLogitNoise", "ModelLoadError", "OddsEqualBridge",
-    "RandomBridge", "RandomMomentum", "Step", "StepEvent", "StepFlow", "StepMomentum",
-    "StepSaliency", "StepTracker", "StepflowError", "Trace", "TraceError",
-    "UnsupportedModelError", "adapter", "attach_trace", "compare", "diagnose", "generate",
-    "load_model", "load_traces", "model_info", "pool_to_steps", "step_attention",
-    "step_saliency", "step_saliency_from_cache",
+    "DTYPES", "Diagnostics", "Generation", "Intervention", "MatchedLogitNoise", "ModelLoadError", "OddsEqualBridge",
+    "Problem", "RandomBridge", "RandomMomentum", "Step", "StepEvent", "StepFlow", "StepMomentum", "StepSaliency",
+    "StepState", "StepTracker", "StepflowError", "StudyResult", "Trace", "TraceError", "TraceWarning",
+    "UnsupportedModelError", "ablate", "attach_trace", "builtin_suite", "compare", "diagnose", "evaluate",
+    "generate", "load_model", "load_problems", "load_study", "load_traces", "model_info", "pool_to_steps",
+    "render_prompt", "step_attention", "step_saliency", "step_saliency_from_cache",
 ]

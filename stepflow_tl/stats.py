@@ -80,7 +80,8 @@ def _check_level(level: float) -> None:
 
 @dataclass(frozen=True)
 class BootstrapCI:
-    """Mean paired difference ``mean(b - a)`` and its percentile bootstrap interval."""
+    """A mean (for `paired_bootstrap_ci`: the mean paired difference ``mean(b - a)``) and
+    its percentile bootstrap interval."""
 
     diff: float
     low: float
@@ -92,6 +93,34 @@ class BootstrapCI:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def bootstrap_mean_ci(x, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> BootstrapCI:
+    """Percentile bootstrap interval for ``mean(x)``: ``x`` resampled with replacement
+    ``n_boot`` times with ``numpy.random.default_rng(seed)``; the interval is the
+    ``(1-level)/2`` and ``(1+level)/2`` quantiles of the resampled means (``diff`` holds
+    the mean). The one bootstrap of this package; `paired_bootstrap_ci` applies it to
+    the paired differences."""
+    x = _as_1d(x, "x")
+    if x.size == 0 or not np.isfinite(x).all():
+        raise StepflowError("bootstrap_mean_ci needs at least one value and only finite ones")
+    _check_level(level)
+    if int(n_boot) < 100:
+        raise StepflowError(f"n_boot must be at least 100 for a usable interval; got {n_boot}")
+    n_boot = int(n_boot)
+    n = x.size
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, _MAX_CHUNK_ENTRIES // n)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = x[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return BootstrapCI(
+        diff=float(x.mean()), low=float(low), high=float(high), level=level, n=n, n_boot=n_boot, seed=seed
+    )
 
 
 def paired_bootstrap_ci(
@@ -112,24 +141,7 @@ def paired_bootstrap_ci(
         level: coverage of the interval.
     """
     a, b = _paired(a, b)
-    _check_level(level)
-    if int(n_boot) < 100:
-        raise StepflowError(f"n_boot must be at least 100 for a usable interval; got {n_boot}")
-    n_boot = int(n_boot)
-    d = b - a
-    n = d.size
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, _MAX_CHUNK_ENTRIES // n)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = d[idx].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return BootstrapCI(
-        diff=float(d.mean()), low=float(low), high=float(high), level=level, n=n, n_boot=n_boot, seed=seed
-    )
+    return bootstrap_mean_ci(b - a, n_boot=n_boot, seed=seed, level=level)
 
 
 # --------------------------------------------------------------------------- McNemar

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepflow_tl.models import load_embedded_tokenizer, load_model, make_tiny_hf
+from stepflow_tl.tl.models import load_embedded_tokenizer, load_model, make_tiny_hf
 
 
 def _has_hooked_transformer() -> bool:

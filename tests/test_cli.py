@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from stepflow_tl.cli import main, parse_layers
+from stepflow_tl.cli.common import parse_layers
+from stepflow_tl.cli.main import main
 
 
 def _records(n):

@@ -6,7 +6,8 @@ import argparse
 
 import pandas as pd
 
-from stepflow_tl.demo import QUICK, add_demo_arguments, run_demo_cli
+from stepflow_tl.cli.study import add_demo_arguments, run_demo_cli
+from stepflow_tl.study.demo import QUICK
 
 
 def test_quick_demo_writes_report_and_prints_honest_headline(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepflow_tl.diagnostics import BANDS, METRICS, Diagnostics, band_layers, compare, diagnose
+from stepflow_tl.saliency.diagnostics import BANDS, Diagnostics, METRICS, band_layers, compare, diagnose
 from stepflow_tl.errors import StepflowError
 
 

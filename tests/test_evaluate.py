@@ -17,24 +17,15 @@ import pytest
 import torch
 
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.evaluate import (
-    ABLATION,
-    CONDITIONS,
-    ITEM_KEYS,
-    ResultsFile,
-    _call_seed,
-    _runs,
-    evaluate,
-    item_seed,
-    load_study,
-    read_results,
-    resolve_conditions,
-)
-from stepflow_tl.generate import row_seed
-from stepflow_tl.interventions import OddsEqualBridge, RandomBridge
-from stepflow_tl.problems import Problem
-from stepflow_tl.saliency import StepSaliency
-from stepflow_tl.study import StudyResult
+from stepflow_tl.interventions.generate import seed_for_rows as _call_seed
+from stepflow_tl.study.conditions import ABLATION, CONDITIONS, resolve_conditions
+from stepflow_tl.study.results import ITEM_COLUMNS as ITEM_KEYS, ResultsFile, read_results
+from stepflow_tl.study.run import _runs, evaluate, item_seed, load_study
+from stepflow_tl.interventions.generate import row_seed
+from stepflow_tl.interventions.bridge import OddsEqualBridge, RandomBridge
+from stepflow_tl.study.problems import Problem
+from stepflow_tl.saliency.maps import StepSaliency
+from stepflow_tl.study.result import StudyResult
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -62,7 +53,7 @@ def problem_file(tmp_path_factory):
 
 
 def _study_cmd(problem_file, out):
-    return [PY, "-m", "stepflow_tl.evaluate", "eval", str(problem_file), "--out", str(out), *STUDY_ARGS]
+    return [PY, "-m", "stepflow_tl", "eval", str(problem_file), "--out", str(out), *STUDY_ARGS]
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +269,7 @@ def test_resume_skips_done_items_and_refuses_another_config(tiny_bridge, tmp_pat
 def test_two_accelerate_processes_match_one(problem_file, reference_run, tmp_path):
     cmd = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-           "-m", "stepflow_tl.evaluate", "eval", str(problem_file), "--out", str(tmp_path), *STUDY_ARGS]
+           "-m", "stepflow_tl", "eval", str(problem_file), "--out", str(tmp_path), *STUDY_ARGS]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(tmp_path.glob("results.rank*")), "shards are merged and removed"

@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.generate import generate, row_seed
-from stepflow_tl.interventions import (
-    MatchedLogitNoise,
-    OddsEqualBridge,
-    RandomBridge,
-    RandomMomentum,
-    StepFlow,
-    StepMomentum,
-)
+from stepflow_tl.interventions.generate import generate, row_seed
+from stepflow_tl.interventions.bridge import MatchedLogitNoise, OddsEqualBridge, RandomBridge
+from stepflow_tl.interventions.momentum import RandomMomentum, StepMomentum
+from stepflow_tl.interventions.stepflow import StepFlow
 
 PROMPTS = [
     "What is 2+3?",

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.grading import answer_regions, boxed_contents, extract_answer, grade
-from stepflow_tl.problems import Problem, load_problems
+from stepflow_tl.study.grading import answer_regions, boxed_contents, extract_answer, grade
+from stepflow_tl.study.problems import Problem, load_problems
 
 from conftest import R1_TRACES
 needs_traces = pytest.mark.skipif(not R1_TRACES.is_file(), reason="needs shared/data/r1_traces.jsonl beside the repository")

@@ -7,8 +7,8 @@ import torch
 
 from reference import pool_loop
 from stepflow_tl import StepflowError
-from stepflow_tl.hookpoints import attach_trace, step_pattern_name, step_resid_name
-from stepflow_tl.segment import Trace
+from stepflow_tl.traces.hookpoints import attach_trace, step_pattern_name, step_resid_name
+from stepflow_tl.traces.trace import Trace
 
 THINKING = "Let x be the number of apples.\n\nThen 3 + 4 = 7.\n\nSo x = 7, and 7 - 2 = 5."
 

@@ -9,24 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from stepflow_tl.backend import adapter, attn_hook, block_hook
+from stepflow_tl.tl.adapter import adapter, attn_hook, block_hook
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.interventions import (
+from stepflow_tl.interventions.base import InterventionRun, apply_interventions, resolve_layers
+from stepflow_tl.interventions.bridge import (
     MatchedLogitNoise,
     OddsEqualBridge,
     RandomBridge,
-    RandomMomentum,
-    RowSteps,
-    StepFlow,
-    StepMomentum,
-    StepState,
-    apply_interventions,
-    extend_row,
     group_masses,
     odds_equal_edit,
-    resolve_layers,
 )
-from stepflow_tl.segment import Trace
+from stepflow_tl.interventions.momentum import RandomMomentum, StepMomentum
+from stepflow_tl.interventions.state import RowSteps, StepState, extend_row
+from stepflow_tl.interventions.stepflow import StepFlow
+from stepflow_tl.traces.trace import Trace
 
 # ----------------------------------------------------------------------------- helpers
 Q, T, S = "question", "thinking", "summary"
@@ -582,9 +578,9 @@ def test_docs_example_run_with_hooks(tiny_model, tokenizer):
     model = tiny_model
     state = StepState.from_trace(trace)
     with torch.no_grad():
-        with StepFlow().applied(model, state) as runs:
+        with StepFlow().applied(model, state) as run:
             logits = model(trace.token_ids[None])
-        events = [e for run in runs for e in run.events()]
+        events = run.events()   # OEB's and SMI's, each named after its part
     # ---
     assert logits.shape[:2] == (1, trace.n_tokens)
     assert {e.intervention for e in events} == {"oeb", "smi"}
@@ -617,3 +613,34 @@ def test_state_from_traces_left_pads(tokenizer):
     assert torch.equal(st.step_id[0, p:], one.step_id[0])
     assert (st.segment_code[0, :p] == 0).all() and (st.step_id[0, :p] == -1).all()
     assert int(one.new_step.sum()) == len(t1.thinking_steps) - 1
+
+
+def test_stepflow_takes_the_papers_two_hyperparameters():
+    flow = StepFlow(tau_max=0.1, alpha=0.04)
+    assert flow.oeb.tau_max == 0.1 and flow.smi.alpha == 0.04
+    assert flow.oeb.layers == "bottom_quarter" and flow.smi.layers == "top_quarter"
+    assert repr(StepFlow()) == repr(StepFlow(oeb=OddsEqualBridge(), smi=StepMomentum()))
+    with pytest.raises(StepflowError, match="tau_max"):
+        StepFlow(oeb=OddsEqualBridge(), tau_max=0.1)
+    with pytest.raises(StepflowError, match="alpha"):
+        StepFlow(smi=StepMomentum(), alpha=0.1)
+
+
+def test_stepflow_honours_the_intervention_contract(tiny_model, tokenizer):
+    """install returns one InterventionRun (its parts' hooks, one state), applied yields it."""
+    trace = Trace.from_parts(tokenizer, question="What is 12 * 7?", format="r1", summary="The answer is 84.",
+                             thinking="12 * 7 = 12 * 5 + 12 * 2.\n\n12 * 5 = 60 and 12 * 2 = 24.\n\n60 + 24 = 84.")
+    state = StepState.from_trace(trace)
+    flow = StepFlow(oeb=OddsEqualBridge(layers="all"), smi=StepMomentum(layers="all"))
+    run = flow.install(tiny_model, state)
+    parts = [p.install(tiny_model, state) for p in flow.parts()]
+    assert isinstance(run, InterventionRun)
+    assert [name for name, _ in run.hooks] == [name for p in parts for name, _ in p.hooks]
+    other = StepState.from_trace(trace)
+    run.state = other
+    assert all(p.state is other for p in run.parts)
+    with torch.no_grad(), flow.applied(tiny_model, state) as applied:
+        tiny_model(trace.token_ids[None])
+    assert isinstance(applied, InterventionRun)
+    assert {e.intervention for e in applied.events()} == {"oeb", "smi"}
+    assert_no_hooks(tiny_model)

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from stepflow_tl import ModelLoadError, UnsupportedModelError, adapter, load_model
-from stepflow_tl.models import load_embedded_hf, make_tiny_hf
+from stepflow_tl import ModelLoadError, UnsupportedModelError, load_model
+from stepflow_tl.tl.adapter import adapter
+from stepflow_tl.tl.models import load_embedded_hf, make_tiny_hf
 
 from conftest import HAS_HOOKED, needs_hooked
 

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.grading import grade
-from stepflow_tl.problems import (
-    Problem,
-    SuiteConfig,
-    builtin_suite,
-    load_problems,
-    prompt_for,
-)
+from stepflow_tl.study.grading import grade
+from stepflow_tl.study.problems import Problem, SuiteConfig, builtin_suite, load_problems, prompt_for
 
 from conftest import R1_TRACES
 

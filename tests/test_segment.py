@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from stepflow_tl.errors import TraceError
-from stepflow_tl.models import load_embedded_tokenizer
-from stepflow_tl.segment import (
-    Trace,
-    TraceWarning,
-    decode,
-    detect_format,
-    find_question,
-    load_traces,
-    render_prompt,
-    step_starts,
-)
+from stepflow_tl.tl.models import load_embedded_tokenizer
+from stepflow_tl.traces.formats import decode, detect_format, find_question, render_prompt, step_starts
+from stepflow_tl.traces.trace import Trace, TraceWarning, load_traces
 
 from conftest import R1_TRACES as TRACES
 Q = "What is 2+2?"

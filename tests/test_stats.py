@@ -6,13 +6,7 @@ import torch
 from scipy import stats as sps
 
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.stats import (
-    compare_groups,
-    holm,
-    mcnemar_exact,
-    paired_bootstrap_ci,
-    wilson_interval,
-)
+from stepflow_tl.stats import compare_groups, holm, mcnemar_exact, paired_bootstrap_ci, wilson_interval
 
 
 # ----------------------------------------------------------------- bootstrap

@@ -9,19 +9,18 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..backend import adapter, attn_hook
 from ..errors import StepflowError
+from ..tl.adapter import adapter, attn_hook
 from .base import (
-    _BRIDGE_OF,
     Intervention,
     InterventionRun,
     LayerSpec,
     PerStateCache,
-    StepState,
     hash_normal,
     hash_uniform,
     resolve_layers,
 )
+from .state import BRIDGE_OF, StepState
 
 # --------------------------------------------------------------------------- OEB core
 @dataclass
@@ -166,7 +165,7 @@ class _AttentionIntervention(Intervention):
         layers = resolve_layers(self.layers, model)
         a.check_attention_editable()
         run = InterventionRun(self.name, state)
-        bridge_of = torch.tensor(_BRIDGE_OF, dtype=torch.int8, device=state.device)
+        bridge_of = torch.tensor(BRIDGE_OF, dtype=torch.int8, device=state.device)
         sinks = torch.tensor(self.sink_positions or (-1,), dtype=torch.int64, device=state.device)
         groups = PerStateCache()  # built once per forward, shared by the layers
         for layer in layers:

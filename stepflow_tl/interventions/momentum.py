@@ -7,11 +7,10 @@ from typing import Dict, Optional
 
 import torch
 
-from ..backend import adapter, attn_hook
 from ..errors import StepflowError
-from .base import (
-    THINKING, Intervention, InterventionRun, LayerSpec, PerStateCache, StepState, hash_normal, resolve_layers,
-)
+from ..tl.adapter import adapter, attn_hook
+from .base import Intervention, InterventionRun, LayerSpec, PerStateCache, hash_normal, resolve_layers
+from .state import THINKING, StepState
 
 # --------------------------------------------------------------------------- momentum
 class StepMomentum(Intervention):

@@ -19,8 +19,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from .errors import StepflowError
-from .records import read_json_records
+from ..errors import StepflowError
+from ..traces.records import read_json_records
 
 KINDS = ("math", "choice", "integer")
 LETTERS = "ABCDEFGHIJ"

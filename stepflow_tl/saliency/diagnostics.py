@@ -1,4 +1,4 @@
-"""Failure metrics on step maps: Shallow Lock-in and Deep Decay (METHOD.md section 3).
+"""Failure metrics on step maps: Shallow Lock-in and Deep Decay (docs/method.md section 3).
 
 The paper names the two failure patterns but publishes no formula for them; the
 metrics here are this project's definitions (docs/diagnostics.md).
@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .errors import StepflowError
-from .stats import compare_groups, holm
+from ..errors import StepflowError
+from ..stats import compare_groups, holm
+from ..traces.formats import STEP_KINDS
 
 __all__ = ["METRICS", "BANDS", "Diagnostics", "band_layers", "diagnose", "compare"]
 
@@ -46,7 +47,6 @@ METRICS = (
     "anomaly_ratio",
 )
 BANDS = ("shallow", "middle", "deep")
-_KINDS = ("question", "thinking", "summary")
 _SELF_BLOCKS = ("full", "lower")
 
 
@@ -285,9 +285,9 @@ def diagnose(
     kinds = list(getattr(result, "step_kinds", None) or [])
     if len(kinds) != n_s:
         raise StepflowError(f"step_kinds has {len(kinds)} entries but maps have {n_s} steps")
-    unknown = sorted(set(kinds) - set(_KINDS))
+    unknown = sorted(set(kinds) - set(STEP_KINDS))
     if unknown:
-        raise StepflowError(f"step_kinds must be in {_KINDS}; got {unknown}")
+        raise StepflowError(f"step_kinds must be in {STEP_KINDS}; got {unknown}")
     layers = [int(v) for v in getattr(result, "layers", [])]
     if len(layers) != n_l:
         raise StepflowError(f"layers has {len(layers)} entries but maps have {n_l} layer rows")

@@ -1,4 +1,4 @@
-"""``stepflow-tl demo``: a small paired study on the embedded SmolLM2-135M-Instruct.
+"""The demo (``stepflow-tl demo``, ``make demo``): a small paired study on the embedded SmolLM2-135M-Instruct.
 
 Greedy decoding on the built-in arithmetic suite under the baseline, StepFlow and its
 matched random control (``random_stepflow``: a random bridge of the same size and a
@@ -9,14 +9,14 @@ streams to ``OUT/results.jsonl``, so a second run resumes (or just re-renders).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .errors import StepflowError
+from ..tl.models import load_model
+from .problems import builtin_suite
+from .run import evaluate
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,8 @@ def honesty_note(model_name: str, n_problems: int) -> str:
     return HONESTY.format(model_note=note, n=n_problems)
 
 
-def add_demo_arguments(parser) -> None:
-    """Arguments of ``stepflow-tl demo``."""
-    parser.add_argument("--out", default="stepflow_demo", help="directory for the report, CSVs and results.jsonl")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny run (2 problems, 2 conditions, 16 tokens, no maps) for smoke tests")
-    parser.add_argument("--model", default=None,
-                        help="default: the embedded SmolLM2-135M-Instruct ('tiny': a random 2-layer model)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
 def run_demo(out, *, quick: bool = False, model_name: Optional[str] = None, progress: bool = True):
     """Run the demo study; returns ``(StudyResult, report path, seconds)``."""
-    from .evaluate import evaluate
-    from .models import load_model
-    from .problems import builtin_suite
-
     cfg = QUICK if quick else FULL
     out = Path(out)
     t0 = time.perf_counter()
@@ -89,34 +75,3 @@ def run_demo(out, *, quick: bool = False, model_name: Optional[str] = None, prog
     report = result.save_html(out / "report.html", title="stepflow_tl demo: StepFlow on SmolLM2-135M-Instruct",
                               notes=notes)
     return result, report, time.perf_counter() - t0
-
-
-def run_demo_cli(args) -> int:
-    """``stepflow-tl demo``: run, then print where the report is and the headline numbers."""
-    from .evaluate import _headline
-
-    result, report, seconds = run_demo(args.out, quick=args.quick, model_name=args.model,
-                                       progress=not args.no_progress)
-    n = result.config["n_problems"]
-    print(f"\nreport: {report}")
-    print(f"csv and results: {Path(args.out)}/ (items.csv, summary.csv, by_difficulty.csv, results.jsonl)")
-    print(f"model: {result.config['model']}, {n} built-in problems, greedy, "
-          f"max {result.config['max_new_tokens']} new tokens; wall time {seconds:.0f} s")
-    print(_headline(result))
-    print("\n" + honesty_note(result.config["model"], n))
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stepflow_tl.demo", description=__doc__.splitlines()[0])
-    add_demo_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_demo_cli(args)
-    except StepflowError as exc:
-        print(f"stepflow-tl: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,8 +12,8 @@ whose extended span holds the token's FIRST character, and to no step (-1) other
 A step that ends up with no token is merged into the preceding step of its segment
 (or the following one when it is the first), with a :class:`TraceWarning`.
 
-``stepflow_tl.tracker.StepTracker`` reproduces this segmentation online, token by
-token; the rules below (``format_markers``, ``split_*``) are shared by both.
+`stepflow_tl.traces.tracker.StepTracker` reproduces this segmentation online, token by
+token; both take their rules from `stepflow_tl.traces.formats`.
 """
 
 from __future__ import annotations
@@ -23,40 +23,31 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .backend import tokenizer_of
-from .errors import TraceError
+from ..errors import TraceError
+from ..tl.adapter import tokenizer_of
+from .formats import (
+    FORMATS,
+    SUMMARY_MARKER_RE,
+    SUMMARY_MARKERS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    SplitSpec,
+    check_split,
+    detect_format,
+    find_question,
+    parse_output,
+    render_prompt,
+    special_strings,
+    step_starts,
+    token_starts,
+)
 from .records import read_json_records
 
-KINDS = ("question", "thinking", "summary")
-FORMATS = ("r1", "harmony", "plain")
-SPLITS = ("blank_lines", "sentences")
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-HARMONY_END_TAGS = ("<|end|>", "<|return|>", "<|call|>")
-HARMONY_HEAD_TAGS = ("<|start|>", "<|channel|>")
-HARMONY_MESSAGE = "<|message|>"
-HARMONY_TAGS = HARMONY_END_TAGS + HARMONY_HEAD_TAGS + (HARMONY_MESSAGE, "<|constrain|>")
-_HARMONY_TAG_RE = re.compile("|".join(re.escape(t) for t in HARMONY_TAGS))
-_HARMONY_CHANNEL_RE = re.compile(r"<\|channel\|>\s*([^\s<]*)")
-# Summary markers for the plain format, matched case-insensitively; the summary starts
-# at the first non-whitespace character of the line that holds the first marker.
-SUMMARY_MARKERS = ("final answer", "answer:", "\\boxed{")
-_MARKER_RE = re.compile("|".join(re.escape(m) for m in SUMMARY_MARKERS), re.IGNORECASE)
-# A sentence ends at . ! or ? (optionally followed by closing quotes/brackets) when
-# whitespace follows; a blank line also ends a sentence.
-SENTENCE_END = ".!?"
-SENTENCE_CLOSERS = "\"')]"
-_SENTENCE_END_RE = re.compile(r"[.!?][\"')\]]*$")
-_BLANK_LINE_RE = re.compile(r"\n\s*\n")
-_PLAIN_QUESTION_PREFIX = "Question:\n"
 _FINGERPRINT_PROBE = "Hello world!\n\n<think> 12345 \u00e9t\u00e9 \u4e16\u754c \u2211 \U0001F600"
-
-SplitSpec = Union[str, Callable[[str], Sequence[Tuple[int, int]]]]
 
 
 class TraceWarning(UserWarning):
@@ -80,224 +71,6 @@ def tokenizer_fingerprint(model_or_tok) -> str:
     tok = tokenizer_of(model_or_tok)
     ids = tok.encode(_FINGERPRINT_PROBE, add_special_tokens=False)
     return hashlib.sha256(f"{len(tok)}|{list(ids)}".encode()).hexdigest()[:16]
-
-
-def special_strings(tok) -> List[str]:
-    """Texts of the tokenizer's special tokens: markup wherever they appear in output."""
-    out = set()
-    for s in getattr(tok, "all_special_tokens", []) or []:
-        if isinstance(s, str) and len(s) >= 2 and not s.isspace():
-            out.add(s)
-    return sorted(out - {THINK_OPEN, THINK_CLOSE} - set(HARMONY_TAGS), key=len, reverse=True)
-
-
-def decode(tok, ids) -> str:
-    """Decode keeping special tokens and spacing exactly (what offsets refer to)."""
-    return tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-# ---------------------------------------------------------------- prompt rendering
-
-
-def render_prompt(model_or_tok, question: str, system: Optional[str] = None) -> str:
-    """The prompt for ``question`` with the generation prompt appended.
-
-    Uses the tokenizer's chat template; without one, falls back to
-    ``"Question:\\n{question}\\n\\n"`` (a newline, not a space, after the colon so the
-    question's first word starts a token of its own).
-    """
-    tok = tokenizer_of(model_or_tok)
-    if not getattr(tok, "chat_template", None):
-        prefix = f"{system}\n\n" if system else ""
-        return f"{prefix}{_PLAIN_QUESTION_PREFIX}{question}\n\n"
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
-    ]
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def find_question(model_or_tok, prompt_text: str, question: Optional[str] = None) -> Tuple[int, int]:
-    """Character span of the (last) user message inside a rendered prompt.
-
-    With ``question`` given, its last occurrence. Otherwise the template is rendered
-    around a sentinel and the longest pieces of the text before/after the sentinel
-    that occur in ``prompt_text`` delimit the question.
-    """
-    if question is not None:
-        i = prompt_text.rfind(question)
-        if i < 0 or not question.strip():
-            raise TraceError(f"question text not found in the prompt (question={question[:60]!r})")
-        return i, i + len(question)
-    sentinel = "QQSTEPFLOWSENTINELQQ"
-    rendered = render_prompt(model_or_tok, sentinel)
-    k = rendered.index(sentinel)
-    before, after = rendered[:k], rendered[k + len(sentinel):]
-    start = None
-    for n in range(len(before), 0, -1):
-        j = prompt_text.rfind(before[-n:])
-        if j >= 0 and (n >= 3 or n == len(before)):
-            start = j + n
-            break
-    if start is None:
-        raise TraceError("cannot locate the question in the prompt; pass question=...")
-    end = None
-    for n in range(len(after), 0, -1):
-        j = prompt_text.find(after[:n], start)
-        if j >= 0 and (n >= 3 or n == len(after)):
-            end = j
-            break
-    if end is None:
-        end = len(prompt_text) if not after else None
-    if end is None or not prompt_text[start:end].strip():
-        raise TraceError("cannot locate the question in the prompt; pass question=...")
-    return start, end
-
-
-# ---------------------------------------------------------------- output parsing
-
-
-def detect_format(prompt_text: str, output_text: str) -> str:
-    """``harmony`` if channel tags appear, ``r1`` if think tags appear (or the prompt
-    ends with ``<think>``), ``plain`` if a summary marker appears, else ``r1``."""
-    if "<|channel|>" in output_text or prompt_text.rstrip().endswith(HARMONY_MESSAGE):
-        return "harmony"
-    if THINK_CLOSE in output_text or THINK_OPEN in output_text or prompt_text.rstrip().endswith(THINK_OPEN):
-        return "r1"
-    if _MARKER_RE.search(output_text):
-        return "plain"
-    return "r1"
-
-
-def harmony_initial_mode(prompt_text: str) -> str:
-    """Where harmony output starts: inside a message if the prompt ends with
-    ``<|message|>`` (channel from the prompt's last header), else in a header."""
-    if not prompt_text.endswith(HARMONY_MESSAGE):
-        return "header"
-    head = prompt_text[: -len(HARMONY_MESSAGE)]
-    return _harmony_channel_mode(head[max(head.rfind("<|start|>"), head.rfind("<|end|>"), 0):])
-
-
-def _harmony_channel_mode(header: str) -> str:
-    found = _HARMONY_CHANNEL_RE.findall(header)
-    channel = found[-1] if found else "analysis"
-    return {"analysis": "thinking", "final": "summary"}.get(channel, "skip")
-
-
-def parse_output(output: str, fmt: str, prompt_text: str, specials: Sequence[str]):
-    """Segments of the output: ``(list of (kind, start, end), markup ranges, complete)``,
-    in output coordinates."""
-    segments: List[Tuple[str, int, int]] = []
-    markup: List[Tuple[int, int]] = []
-    if fmt == "r1":
-        t0 = 0
-        m = re.match(r"\s*" + re.escape(THINK_OPEN), output)
-        if m:
-            t0 = m.end()
-            markup.append((m.end() - len(THINK_OPEN), m.end()))
-        close = output.find(THINK_CLOSE, t0)
-        complete = close >= 0
-        if complete:
-            segments += [("thinking", t0, close), ("summary", close + len(THINK_CLOSE), len(output))]
-            markup.append((close, close + len(THINK_CLOSE)))
-        else:
-            segments.append(("thinking", t0, len(output)))
-    elif fmt == "plain":
-        m = _MARKER_RE.search(output)
-        complete = m is not None
-        if m:
-            line = output.rfind("\n", 0, m.start()) + 1
-            s = line + len(output[line:m.start()]) - len(output[line:m.start()].lstrip())
-            segments += [("thinking", 0, s), ("summary", s, len(output))]
-        else:
-            segments.append(("thinking", 0, len(output)))
-    elif fmt == "harmony":
-        mode = harmony_initial_mode(prompt_text)
-        pos = 0
-        closed = False
-        for m in _HARMONY_TAG_RE.finditer(output):
-            tag = m.group()
-            if mode == "header":
-                if tag == HARMONY_MESSAGE:
-                    mode = _harmony_channel_mode(output[pos:m.start()])
-                    markup.append((pos, m.end()))
-                    pos = m.end()
-                continue
-            # content mode: the text since pos is a message (or skipped channel) body
-            if mode in ("thinking", "summary"):
-                segments.append((mode, pos, m.start()))
-            else:
-                markup.append((pos, m.start()))
-            if tag in HARMONY_END_TAGS or tag in HARMONY_HEAD_TAGS:
-                closed = closed or mode == "thinking"
-                mode, pos = "header", m.start()
-            else:
-                markup.append((m.start(), m.end()))
-                pos = m.end()
-        if mode in ("thinking", "summary"):
-            segments.append((mode, pos, len(output)))
-        else:
-            markup.append((pos, len(output)))
-        complete = closed or any(k == "summary" for k, _, _ in segments)
-    else:
-        raise TraceError(f"format must be one of {FORMATS} or 'auto', got {fmt!r}")
-    for s in specials:
-        for m in re.finditer(re.escape(s), output):
-            markup.append((m.start(), m.end()))
-    return segments, [r for r in markup if r[1] > r[0]], complete
-
-
-# ---------------------------------------------------------------- step splitting
-
-
-def _check_split(split: SplitSpec) -> None:
-    if not callable(split) and split not in SPLITS:
-        raise TraceError(f"split must be one of {SPLITS} or a callable (text) -> [(start, end)], got {split!r}")
-
-
-def step_starts(content: str, split: SplitSpec) -> List[int]:
-    """Positions in ``content`` where steps start (first non-whitespace char of each)."""
-    if split == "blank_lines":
-        out = []
-        pos = 0
-        for m in list(_BLANK_LINE_RE.finditer(content)) + [None]:
-            end = m.start() if m else len(content)
-            piece = content[pos:end]
-            stripped = piece.lstrip()
-            if stripped:
-                out.append(pos + len(piece) - len(stripped))
-            pos = m.end() if m else pos
-        return out
-    if split == "sentences":
-        out = []
-        prev = None
-        for m in re.finditer(r"\S+", content):
-            if prev is None:
-                out.append(m.start())
-            else:
-                gap = content[prev.end():m.start()]
-                if gap.count("\n") >= 2 or _SENTENCE_END_RE.search(prev.group()):
-                    out.append(m.start())
-            prev = m
-        return out
-    _check_split(split)
-    spans = list(split(content))
-    out = []
-    last_end = 0
-    for span in spans:
-        try:
-            s, e = int(span[0]), int(span[1])
-        except (TypeError, ValueError, IndexError):
-            raise TraceError(f"split callable must return (start, end) pairs, got {span!r}") from None
-        if not (last_end <= s <= e <= len(content)):
-            raise TraceError(
-                f"split callable returned span {(s, e)} that is out of order, overlapping or outside "
-                f"the text of length {len(content)}; spans must be sorted and disjoint"
-            )
-        last_end = e
-        piece = content[s:e]
-        if piece.strip():
-            out.append(s + len(piece) - len(piece.lstrip()))
-    return out
 
 
 # ---------------------------------------------------------------- the trace
@@ -443,7 +216,7 @@ class Trace:
         tokenizer); longer texts raise unless ``truncate=True``.
         """
         tok = tokenizer_of(model_or_tok)
-        _check_split(split)
+        check_split(split)
         if not isinstance(prompt_text, str) or not isinstance(output_text, str):
             raise TraceError("prompt_text and output_text must be strings")
         fmt = detect_format(prompt_text, output_text) if format == "auto" else format
@@ -513,7 +286,7 @@ class Trace:
             out = thinking
             if has_summary:
                 s = summary.lstrip()
-                lead = "" if _MARKER_RE.match(s) else "Answer: "
+                lead = "" if SUMMARY_MARKER_RE.match(s) else "Answer: "
                 out += f"\n\n{lead}{s}"
         else:
             raise TraceError(f"format must be one of {FORMATS}, got {format!r}")
@@ -547,17 +320,6 @@ class Trace:
     def step_text(self, kind: str) -> str:
         """The texts of all steps of ``kind`` joined by blank lines."""
         return "\n\n".join(s.text for s in self.steps if s.kind == kind)
-
-
-def token_starts(offsets) -> List[int]:
-    """First character of each token: its offset start, or the previous token's end if
-    that is earlier (tokenizers that trim leading spaces from offsets)."""
-    starts = []
-    prev_end = 0
-    for s, e in offsets:
-        starts.append(min(int(s), prev_end) if starts else int(s))
-        prev_end = max(int(e), prev_end)
-    return starts
 
 
 def _build(cls, tok, text, ids, starts, offsets, segments, markup, fmt, complete, split, split_summary,

@@ -1,4 +1,4 @@
-"""Answer extraction and grading of model outputs against a :class:`~stepflow_tl.problems.Problem`.
+"""Answer extraction and grading of model outputs against a :class:`~stepflow_tl.study.problems.Problem`.
 
 Where to look: when the output contains ``</think>``, only the summary (text after the last
 ``</think>``) is searched first; if the summary yields no answer, the whole output is searched
@@ -35,15 +35,14 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Optional
 
-from .errors import StepflowError
+from ..errors import StepflowError
+from ..traces.formats import THINK_CLOSE, boxed_spans
 from .problems import KINDS, Problem
 
-THINK_END = "</think>"
 
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)")
 _MARKER = re.compile(r"\banswer\s*\**\s*(?:is\b|:|=)[\s*:]*", re.IGNORECASE)
 _GSM8K = re.compile(r"####\s*")
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _SENTENCE_END = re.compile(r"\.(?:\s|$)")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 
@@ -64,8 +63,8 @@ class Grade:
 def answer_regions(text: str) -> list[str]:
     """The texts searched for an answer, in order: the summary after the last ``</think>`` (if
     any), then the whole text."""
-    if THINK_END in text:
-        return [text.rsplit(THINK_END, 1)[1], text]
+    if THINK_CLOSE in text:
+        return [text.rsplit(THINK_CLOSE, 1)[1], text]
     return [text]
 
 
@@ -124,18 +123,7 @@ def grade(
 def boxed_contents(text: str) -> list[tuple[int, str]]:
     """(position, content) of every ``\\boxed{...}``/``\\fbox{...}`` with balanced braces, in
     text order. An unclosed box (output cut off) is skipped."""
-    found = []
-    for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    found.append((match.start(), text[start:i]))
-                    break
-    return found
+    return [(box, text[start:end]) for box, start, end in boxed_spans(text)]
 
 
 def _numbers(text: str) -> list[str]:

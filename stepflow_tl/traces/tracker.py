@@ -1,7 +1,7 @@
 """Online step tracking during generation: one token id at a time.
 
 :class:`StepTracker` turns the generated token stream into the segmentation that
-:meth:`stepflow_tl.segment.Trace.from_text` would give the same text: same markup
+:meth:`stepflow_tl.traces.trace.Trace.from_text` would give the same text: same markup
 rules, same step boundaries, same token -> step rule (a token belongs to the step its
 first character lies in). Cost per ``push`` is O(new characters) for the built-in
 splits; a user callable is re-run on the current segment at each push (O(segment)).
@@ -20,36 +20,70 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from .backend import tokenizer_of
-from .errors import TraceError
-from .segment import (
+from ..errors import TraceError
+from ..tl.adapter import tokenizer_of
+from .formats import (
     FORMATS,
     HARMONY_END_TAGS,
     HARMONY_HEAD_TAGS,
     HARMONY_MESSAGE,
-    KINDS,
     SENTENCE_CLOSERS,
     SENTENCE_END,
+    STEP_KINDS,
     SUMMARY_MARKERS,
     THINK_CLOSE,
     THINK_OPEN,
     SplitSpec,
-    _check_split,
-    _harmony_channel_mode,
+    check_split,
     decode,
+    find_question,
+    harmony_channel_mode,
     harmony_initial_mode,
     special_strings,
     step_starts,
+    token_starts,
 )
 
 _REPLACEMENT = "\ufffd"
 # How many prompt tokens to keep as decoding context (spacing of the first new token).
 _CONTEXT_TOKENS = 4
 
-# Indices into the parser state list (kept as a flat list so a snapshot is one tuple).
-_SEG, _MODE, _HAS, _CUR, _GAP_NL, _GAP_WS, _TERM, _NRAW, _LINE, _HEAD, _OPENED, _FLOOR, _SEG0 = range(13)
+
+class _Snapshot(NamedTuple):
+    """The parser state before one character (what a rewind restores)."""
+
+    segment: str  # the segment being parsed: "thinking" or "summary"
+    mode: str  # "content", "header" (a harmony header) or "skip" (a channel that is no segment)
+    has_step: bool  # whether the segment has started a step yet
+    current: int  # raw step id of the step being extended, -1 before the first
+    gap_newlines: int  # newlines since the last non-whitespace character
+    gap_space: bool  # whether whitespace followed the last non-whitespace character
+    after_end: bool  # whether the last word ended a sentence (. ! ? and closers)
+    n_raw: int  # raw steps started so far
+    line_start: int  # first character of the current line
+    header_start: int  # first character of the current harmony header
+    think_opened: bool  # whether an opening <think> was seen
+    floor: int  # no tag may start before this character (it was consumed by a tag)
+    segment_start: int  # first character of the current segment
+
+
+class _ParserState:
+    """The mutable parser state; `snapshot` / `restore` convert it to and from `_Snapshot`."""
+
+    __slots__ = _Snapshot._fields
+
+    def __init__(self, segment: str, mode: str):
+        self.restore(_Snapshot(segment, mode, False, -1, 0, False, False, 0, 0, 0, False, 0, 0))
+
+    def snapshot(self) -> _Snapshot:
+        return _Snapshot(*(getattr(self, f) for f in _Snapshot._fields))
+
+    def restore(self, snap: _Snapshot) -> "_ParserState":
+        for f, v in zip(_Snapshot._fields, snap):
+            setattr(self, f, v)
+        return self
 
 
 @dataclass(frozen=True)
@@ -90,7 +124,7 @@ class StepTracker:
             raise TraceError(f"format must be one of {FORMATS}, got {format!r}")
         if start_segment not in ("thinking", "summary"):
             raise TraceError(f"start_segment must be 'thinking' or 'summary', got {start_segment!r}")
-        _check_split(split)
+        check_split(split)
         self.format = format
         self.split = split
         self.split_summary = split_summary
@@ -103,7 +137,7 @@ class StepTracker:
         for p in qpos:
             self.token_steps[p] = 0
         self._q = 1 if qpos else 0  # number of question steps (step indices start after them)
-        self._kind_pos: Dict[str, List[int]] = {k: [] for k in KINDS}
+        self._kind_pos: Dict[str, List[int]] = {k: [] for k in STEP_KINDS}
         self._kind_pos["question"] = qpos
         self._step_pos: List[List[int]] = [list(qpos)] if qpos else []
         self._step_kind: List[str] = ["question"] if qpos else []
@@ -117,7 +151,7 @@ class StepTracker:
         # character-level parse of the generated text
         self._chars: List[str] = []
         self._label: List[int] = []  # raw step id per char, -1 markup
-        self._snaps: List[tuple] = []  # parser state before each char
+        self._snaps: List[_Snapshot] = []  # parser state before each char
         self._raw_kind: List[str] = []
         self._tstart: List[int] = []  # first char of each generated token
         self._raw_final: Dict[int, int] = {}
@@ -138,7 +172,7 @@ class StepTracker:
                 mode = initial
             else:
                 seg = initial
-        self._st = [seg, mode, False, -1, 0, False, False, 0, 0, 0, False, 0, 0]
+        self._st = _ParserState(seg, mode)
         self._specials = special_strings(self.tokenizer)
         self._tags = self._tag_table()
 
@@ -149,7 +183,7 @@ class StepTracker:
 
     @property
     def current_segment(self) -> str:
-        return self._st[_SEG]
+        return self._st.segment
 
     @property
     def current_step(self) -> int:
@@ -167,8 +201,8 @@ class StepTracker:
 
     def positions(self, kind: str) -> List[int]:
         """Absolute token positions so far whose step is of ``kind``."""
-        if kind not in KINDS:
-            raise TraceError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind not in STEP_KINDS:
+            raise TraceError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
         return list(self._kind_pos[kind])
 
     def step_positions(self, step_index: int) -> List[int]:
@@ -179,7 +213,7 @@ class StepTracker:
 
     def push(self, token_id: int) -> List[StepEvent]:
         """Append one generated token; returns the events it causes."""
-        seg_before = self._st[_SEG]
+        seg_before = self._st.segment
         n_before = len(self._step_kind)
         self._popped = {}
         pos = len(self._ids)
@@ -189,8 +223,8 @@ class StepTracker:
         self._relabel(dirty)
         self.changed_from = self.n_prompt + dirty
         events: List[StepEvent] = []
-        if self._st[_SEG] != seg_before:
-            events.append(StepEvent("segment_change", pos, self.current_step, self._st[_SEG], seg_before))
+        if self._st.segment != seg_before:
+            events.append(StepEvent("segment_change", pos, self.current_step, self._st.segment, seg_before))
         first_new = min([n_before] + list(self._popped))
         for step in range(first_new, len(self._step_kind)):
             first = self._final_first[step - self._q]
@@ -263,7 +297,7 @@ class StepTracker:
         for pat, action in self._tags.get(c, ()):
             n = len(pat)
             a = i + 1 - n
-            if a < self._st[_FLOOR] or not _applies(action, self._snaps[a]):
+            if a < self._st.floor or not _applies(action, self._snaps[a]):
                 continue
             piece = "".join(self._chars[a:i + 1])
             if (piece.lower() if action == "marker" else piece) != pat:
@@ -273,10 +307,10 @@ class StepTracker:
 
     def _apply_tag(self, action: str, a: int, i: int) -> int:
         """Rewind to char ``a`` and re-parse ``a..i`` knowing the pattern there."""
-        line_start = self._st[_LINE]
+        line_start = self._st.line_start
         self._rewind(a)
         st = self._st
-        header_text = "".join(self._chars[st[_HEAD]:a])
+        header_text = "".join(self._chars[st.header_start:a])
         if action == "marker":
             s = line_start
             while s < a and self._chars[s].isspace():
@@ -290,81 +324,81 @@ class StepTracker:
         if action == "close":
             self._new_segment("summary", i + 1)
         elif action == "open":
-            st[_OPENED] = True
+            st.think_opened = True
         elif action == "h_end" or action == "h_head":
-            st[_MODE], st[_HEAD] = "header", a
+            st.mode, st.header_start = "header", a
         elif action == "h_message":
-            if st[_MODE] == "header":
-                mode = _harmony_channel_mode(header_text)
+            if st.mode == "header":
+                mode = harmony_channel_mode(header_text)
                 if mode == "skip":
-                    st[_MODE] = "skip"
+                    st.mode = "skip"
                 else:
-                    st[_MODE] = "content"
-                    if mode != st[_SEG]:
+                    st.mode = "content"
+                    if mode != st.segment:
                         self._new_segment(mode, i + 1)
-        st[_FLOOR] = i + 1
+        st.floor = i + 1
         for j in range(a, i + 1):
-            self._snaps.append(tuple(st))
+            self._snaps.append(st.snapshot())
             self._label.append(-1)
             if self._chars[j] == "\n":
-                st[_LINE] = j + 1
+                st.line_start = j + 1
         return a
 
     def _rewind(self, a: int) -> None:
-        self._st = list(self._snaps[a])
+        self._st.restore(self._snaps[a])
         del self._snaps[a:]
         del self._label[a:]
-        del self._raw_kind[self._st[_NRAW]:]
+        del self._raw_kind[self._st.n_raw:]
         self._split_cache = None
 
     def _new_segment(self, seg: str, start: int) -> None:
         st = self._st
-        st[_SEG], st[_MODE], st[_HAS], st[_CUR], st[_SEG0] = seg, "content", False, -1, start
-        st[_GAP_NL], st[_GAP_WS], st[_TERM] = 0, False, False
+        st.segment, st.mode, st.has_step, st.current, st.segment_start = seg, "content", False, -1, start
+        st.gap_newlines, st.gap_space, st.after_end = 0, False, False
 
     def _process(self, i: int) -> None:
         """Parse char ``i`` with the current state (the state machine of the splits)."""
         st = self._st
-        self._snaps.append(tuple(st))
+        self._snaps.append(st.snapshot())
         c = self._chars[i]
         if c == "\n":
-            st[_LINE] = i + 1
-        if st[_MODE] != "content":
+            st.line_start = i + 1
+        if st.mode != "content":
             self._label.append(-1)
             return
         if c.isspace():
-            self._label.append(st[_CUR] if st[_HAS] else -1)
+            self._label.append(st.current if st.has_step else -1)
             if c == "\n":
-                st[_GAP_NL] += 1
-            st[_GAP_WS] = True
+                st.gap_newlines += 1
+            st.gap_space = True
             return
-        seg = st[_SEG]
+        seg = st.segment
         splits = seg == "thinking" or (seg == "summary" and self.split_summary)
         if splits and callable(self.split):
             new = i in self._callable_starts(i)
-        elif not st[_HAS]:
+        elif not st.has_step:
             new = True
         elif not splits:
             new = False
         elif self.split == "blank_lines":
-            new = st[_GAP_NL] >= 2
+            new = st.gap_newlines >= 2
         elif self.split == "sentences":
-                new = st[_GAP_NL] >= 2 or (st[_TERM] and st[_GAP_WS])
+                new = st.gap_newlines >= 2 or (st.after_end and st.gap_space)
         if new:
-            st[_CUR] = st[_NRAW]
-            st[_NRAW] += 1
-            st[_HAS] = True
+            st.current = st.n_raw
+            st.n_raw += 1
+            st.has_step = True
             self._raw_kind.append(seg)
-        self._label.append(st[_CUR])
-        st[_GAP_NL], st[_GAP_WS] = 0, False
-        st[_TERM] = c in SENTENCE_END or (st[_TERM] and c in SENTENCE_CLOSERS)
+        self._label.append(st.current)
+        st.gap_newlines, st.gap_space = 0, False
+        st.after_end = c in SENTENCE_END or (st.after_end and c in SENTENCE_CLOSERS)
 
     def _callable_starts(self, i: int) -> set:
         """Step starts (output char indices) of the current segment by the user's split,
         computed once per push on the segment's content so far plus the new chars."""
-        key = (len(self._ids), self._st[_SEG0])
+        key = (len(self._ids), self._st.segment_start)
         if self._split_cache is None or self._split_cache[0] != key:
-            idx = [j for j in range(self._st[_SEG0], i) if self._label[j] >= 0 or self._chars[j].isspace()]
+            idx = [j for j in range(self._st.segment_start, i) if self._label[j] >= 0 or self._chars[j].isspace()]
             idx += range(i, len(self._chars))
             content = "".join(self._chars[j] for j in idx)
             self._split_cache = (key, {idx[s] for s in step_starts(content, self.split)})
@@ -392,8 +426,8 @@ class StepTracker:
                 raw = self._label[s]
             else:  # first character still incomplete: it will be non-whitespace content
                 st = self._st
-                raw = st[_CUR] if st[_MODE] == "content" and st[_HAS] and st[_GAP_NL] < 2 and not (
-                    self.split == "sentences" and st[_TERM] and st[_GAP_WS]) else -1
+                raw = st.current if st.mode == "content" and st.has_step and st.gap_newlines < 2 and not (
+                    self.split == "sentences" and st.after_end and st.gap_space) else -1
             if raw < 0 or raw >= len(self._raw_kind):
                 self.token_steps.append(-1)
                 continue
@@ -411,13 +445,13 @@ class StepTracker:
             self._step_pos[final].append(p)
 
 
-def _applies(action: str, st: tuple) -> bool:
+def _applies(action: str, st: _Snapshot) -> bool:
     """Whether a pattern that starts in parser state ``st`` takes effect."""
-    seg, mode = st[_SEG], st[_MODE]
+    seg, mode = st.segment, st.mode
     if action in ("close", "marker"):
         return seg == "thinking" and mode == "content"
     if action == "open":
-        return seg == "thinking" and mode == "content" and not st[_HAS] and not st[_OPENED]
+        return seg == "thinking" and mode == "content" and not st.has_step and not st.think_opened
     if action == "h_message":
         return True
     return mode != "header"
@@ -426,8 +460,6 @@ def _applies(action: str, st: tuple) -> bool:
 def prompt_positions(model_or_tok, prompt_text: str, question: Optional[str] = None):
     """Token ids of ``prompt_text`` and the positions of its question tokens, by the
     same rule as :meth:`Trace.from_text`: ``(prompt_ids, question_positions)``."""
-    from .segment import find_question, token_starts
-
     tok = tokenizer_of(model_or_tok)
     q0, q1 = find_question(tok, prompt_text, question)
     enc = tok(prompt_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)

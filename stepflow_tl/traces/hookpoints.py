@@ -30,8 +30,9 @@ from typing import Iterable, Optional
 import torch
 from transformer_lens.hook_points import HookPoint
 
-from .backend import PermanentHooks, adapter, attn_hook, block_hook
-from .errors import StepflowError
+from ..tl.adapter import adapter, attn_hook, block_hook
+from ..tl.hooks import PermanentHooks, add_hook_point, refresh_hook_dict, remove_hook_point
+from ..errors import StepflowError
 from .pooling import block_sums, normalise_blocks, pair_counts, step_onehot
 
 STEP_PATTERN = "hook_step_pattern"
@@ -97,7 +98,7 @@ class attach_trace:
                 resid_point = self._add_point(block, STEP_RESID, step_resid_name(layer))
                 internal.append((attn_hook(layer, "attn_scores"), self._scores_hook(pattern_point)))
                 internal.append((block_hook(layer, "resid_post"), self._resid_hook(resid_point)))
-            self._refresh_registry()
+            refresh_hook_dict(self.model)
             self._hooks = PermanentHooks(self.model, internal).__enter__()
         except BaseException:
             self.__exit__(None, None, None)
@@ -111,31 +112,17 @@ class attach_trace:
                 self._hooks = None
         finally:
             for parent, attr, name, point in self._points:
-                point.remove_hooks("both", including_permanent=True)
-                if getattr(parent, attr, None) is point:
-                    delattr(parent, attr)
-                registry = getattr(self.model, "_hook_registry", None)
-                if registry is not None and registry.get(name) is point:
-                    del registry[name]
+                remove_hook_point(self.model, parent, attr, name, point)
             self._points.clear()
-            self._refresh_registry()
+            refresh_hook_dict(self.model)
         return False
 
     def _add_point(self, parent, attr: str, name: str) -> HookPoint:
         if hasattr(parent, attr):
             raise StepflowError(f"{name} already exists: is another trace attached to this model?")
-        point = HookPoint()
-        setattr(parent, attr, point)
-        point.name = name
+        point = add_hook_point(self.model, parent, attr, name)
         self._points.append((parent, attr, name, point))
-        registry = getattr(self.model, "_hook_registry", None)
-        if registry is not None:  # TransformerBridge keeps an explicit name -> HookPoint map
-            registry[name] = point
         return point
-
-    def _refresh_registry(self) -> None:
-        if self._adapter.kind == "hooked":  # HookedTransformer rebuilds hook_dict from modules
-            self.model.setup()
 
     # ---------------------------------------------------------------- hooks
     def _check_length(self, n_pos: int, name: str) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Tuple, Type
 
-from .errors import StepflowError
+from ..errors import StepflowError
 
 
 def read_json_records(path: Path, error: Type[StepflowError] = StepflowError) -> list:

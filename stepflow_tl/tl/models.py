@@ -18,7 +18,11 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
+from .adapter import adapter
+
+# Precisions by name, as the command line and the examples spell them.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -243,7 +247,7 @@ def load_model(
     *,
     backend: Backend = "bridge",
     device: Optional[Union[str, torch.device]] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Union[str, torch.dtype] = torch.float32,
     hf_model: Any = None,
     tokenizer: Any = None,
     device_map: Optional[Union[str, dict]] = None,
@@ -257,7 +261,8 @@ def load_model(
             smoke runs), a hub name, or a local directory in transformers format.
         backend: ``"bridge"`` (``TransformerBridge``, TL 4.x and 3.9) or ``"hooked"``
             (``HookedTransformer``, TL 3.9 only; Llama-family models).
-        device, dtype: where and in what precision the model runs.
+        device, dtype: where and in what precision the model runs (``dtype`` a
+            ``torch.dtype`` or a name from `DTYPES`).
         hf_model, tokenizer: an in-memory transformers model (and its tokenizer) to wrap
             instead of loading by name; ``name`` then only labels it. The bridge wraps
             ``hf_model`` in place, so it is moved to ``device`` and cast to ``dtype``.
@@ -272,6 +277,10 @@ def load_model(
     """
     if backend not in ("bridge", "hooked"):
         raise ValueError(f"backend must be 'bridge' or 'hooked', got {backend!r}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
     multi_device = device_map is not None or n_devices is not None
     if multi_device and device is not None:
         raise ValueError("pass either device or device_map/n_devices, not both")
@@ -359,8 +368,6 @@ class ModelInfo:
 def model_info(model, weights: str = "") -> ModelInfo:
     """Describe a TL model (either backend)."""
     import importlib.metadata
-
-    from .backend import adapter
 
     a = adapter(model)
     return ModelInfo(

@@ -15,17 +15,13 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .backend import adapter, tokenizer_of
-from .errors import StepflowError
-from .interventions import (
-    InterventionEvent,
-    RowSteps,
-    StepState,
-    apply_interventions,
-    extend_row,
-)
-
-FORMATS = ("auto", "r1", "plain", "harmony")
+from ..errors import StepflowError
+from ..tl.adapter import adapter, pad_token_ids, tokenizer_of
+from ..traces.formats import decode, find_question, render_prompt, resolve_format
+from ..traces.trace import Trace, TraceWarning
+from ..traces.tracker import StepTracker, prompt_positions
+from .base import InterventionEvent, apply_interventions
+from .state import RowSteps, StepState, extend_row
 
 
 @dataclass
@@ -90,41 +86,27 @@ class Generation:
         }
 
 
+# The row seed formula; the seed scale is odd, hence invertible modulo 2**62, which
+# `seed_for_rows` relies on.
+_SEED_SCALE, _INDEX_SCALE, _SEED_OFFSET, _SEED_MODULUS = 1_000_003, 7_919, 12_345, 2 ** 62
+
+
 def row_seed(seed: int, index: int) -> int:
     """Seed of prompt ``index`` in a call with ``seed``: depends on nothing else, so a
     row replays exactly whatever batch it is in."""
-    return (int(seed) * 1_000_003 + int(index) * 7_919 + 12_345) % (2 ** 62)
+    return (int(seed) * _SEED_SCALE + int(index) * _INDEX_SCALE + _SEED_OFFSET) % _SEED_MODULUS
 
 
-def render_prompt(tokenizer, question: str, *, chat: bool = True, system: Optional[str] = None) -> str:
-    """The prompt text: the chat template with the generation prompt (the same
-    rendering as `stepflow_tl.segment.render_prompt`), or ``question`` as is when
-    ``chat=False``."""
-    from .segment import render_prompt as render_chat
-
-    return render_chat(tokenizer, question, system=system) if chat else question
-
-
-def resolve_format(tokenizer, prompt_text: str, format: str) -> str:
-    """``"auto"``: harmony if the template uses ``<|channel|>``, r1 if it or the
-    prompt uses ``<think>``, otherwise plain (thinking until a summary marker)."""
-    if format not in FORMATS:
-        raise StepflowError(f"format must be one of {FORMATS}, got {format!r}")
-    if format != "auto":
-        return format
-    template = str(getattr(tokenizer, "chat_template", "") or "")
-    if "<|channel|>" in template or "<|channel|>" in prompt_text:
-        return "harmony"
-    if "<think>" in template or "<think>" in prompt_text:
-        return "r1"
-    return "plain"
+def seed_for_rows(seed: int, first_index: int) -> int:
+    """The ``seed`` for `generate` that gives its row j the seed of row ``first_index + j``
+    of a call with ``seed``, so a run of consecutive items can start at any index."""
+    inverse = pow(_SEED_SCALE, -1, _SEED_MODULUS)
+    return ((int(seed) * _SEED_SCALE + int(first_index) * _INDEX_SCALE) * inverse) % _SEED_MODULUS
 
 
 def _question_in(tokenizer, prompt_text: str, question: Optional[str]) -> str:
     """The question text to locate in a rendered prompt: the given one, else the last
     user message found through the chat template, else the whole prompt."""
-    from .segment import find_question
-
     if question is not None:
         return question
     try:
@@ -149,8 +131,6 @@ class _RowTracker:
     """A `StepTracker` for one row plus the per-token lists its `StepState` rows come from."""
 
     def __init__(self, tokenizer, fmt: str, split: str, prompt_text: str, question: Optional[str]):
-        from .tracker import StepTracker, prompt_positions
-
         ids, qpos = prompt_positions(tokenizer, prompt_text, question)
         self.prompt_ids = ids
         self.tracker = StepTracker(
@@ -223,8 +203,6 @@ def generate(
     Returns:
         One `Generation` per prompt, in order.
     """
-    from .segment import Trace, TraceWarning, decode
-
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -237,7 +215,7 @@ def generate(
     a = adapter(model)
     tok = tokenizer_of(model)
     device = a.device
-    texts = [render_prompt(tok, p, chat=chat, system=system) for p in prompts]
+    texts = [render_prompt(tok, p, system, chat=chat) for p in prompts]
     fmt = resolve_format(tok, texts[0], format)
     if questions is not None and len(questions) != len(prompts):
         raise StepflowError(f"got {len(questions)} questions for {len(prompts)} prompts")
@@ -246,13 +224,8 @@ def generate(
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     if any(len(x) == 0 for x in ids):
         raise StepflowError("an empty prompt cannot be generated from")
-    width = max(len(x) for x in ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        tokens[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
+    tokens, mask = pad_token_ids(ids, pad_id)
     tokens, mask = tokens.to(device), mask.to(device)
     seeds = [row_seed(seed, i) for i in range(len(ids))]
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()

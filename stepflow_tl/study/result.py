@@ -19,24 +19,21 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from .errors import StepflowError
-from .stats import holm, mcnemar_exact, paired_bootstrap_ci, wilson_interval
+from ..errors import StepflowError
+from ..saliency.diagnostics import compare
+from ..viz import Report, plot_accuracy_by_difficulty
+from ..stats import holm, mcnemar_exact, paired_bootstrap_ci, wilson_interval
 
-# Columns of `StudyResult.items`, in order (``events`` is a dict {intervention: n events}).
-ITEM_COLUMNS = [
-    "problem_id", "condition", "sample", "seed", "correct", "extracted", "gold", "difficulty",
-    "n_tokens", "stop_reason", "wall_time_s", "n_events", "events", "mean_kl", "saliency", "output",
-]
 
 ItemKey = Tuple[str, str, int]
 
 
 @dataclass
 class StudyResult:
-    """Outcomes of `stepflow_tl.evaluate.evaluate` / `ablate`.
+    """Outcomes of `stepflow_tl.study.evaluate` / `ablate`.
 
     Attributes:
-        items: one row per (problem, condition, sample), columns `ITEM_COLUMNS`.
+        items: one row per (problem, condition, sample), columns `stepflow_tl.study.results.ITEM_COLUMNS`.
         config: the study config (JSON-safe; the header of the results file).
         conditions: condition names in run order.
         reference: the condition every other one is paired against.
@@ -145,10 +142,8 @@ class StudyResult:
         return correct, incorrect
 
     def compare_saliency(self, condition: Optional[str] = None, **kwargs) -> pd.DataFrame:
-        """`stepflow_tl.diagnostics.compare` of correct vs incorrect traces, per condition
+        """`stepflow_tl.saliency.diagnostics.compare` of correct vs incorrect traces, per condition
         with at least two maps in each group (column ``condition`` added)."""
-        from .diagnostics import compare
-
         frames = []
         for cond in [condition] if condition else self.conditions:
             correct, incorrect = self.saliency_groups(cond)
@@ -159,6 +154,20 @@ class StudyResult:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     # ------------------------------------------------------------------ output
+    def headline(self) -> str:
+        """One line per condition: accuracy with its Wilson interval and, against the
+        reference, the paired difference with its interval and McNemar's p."""
+        s = self.summary()
+        lines = []
+        for row in s.itertuples(index=False):
+            line = (f"{row.condition:>16}: {row.n_correct}/{row.n} correct = {row.accuracy:.1%} "
+                    f"(Wilson 95% CI {row.acc_low:.1%}-{row.acc_high:.1%})")
+            if row.condition != self.reference and row.n_paired:
+                line += (f"; vs {self.reference}: {row.diff:+.1%} [{row.diff_low:+.1%}, {row.diff_high:+.1%}], "
+                         f"McNemar p={row.mcnemar_p:.3g}")
+            lines.append(line)
+        return "\n".join(lines)
+
     def to_csv(self, directory) -> Dict[str, Path]:
         """Write items.csv, summary.csv, by_difficulty.csv (and saliency_compare.csv when
         there are maps to compare) into ``directory``; returns the paths by name."""
@@ -178,11 +187,9 @@ class StudyResult:
         return paths
 
     def report(self, *, title: Optional[str] = None, notes: str = "", maps: int = 2):
-        """A `stepflow_tl.render.Report`: notes, the summary table, accuracy by difficulty,
+        """A `stepflow_tl.viz.Report`: notes, the summary table, accuracy by difficulty,
         correct-vs-incorrect saliency comparisons and step maps of up to ``maps`` correct
         and ``maps`` incorrect traces per condition that has maps."""
-        from .render import Report, plot_accuracy_by_difficulty
-
         cfg = self.config
         report = Report(title or f"Study: {', '.join(self.conditions)} on {cfg.get('model', '?')}")
         facts = (

@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
+from jaxtyping import Int
 
-from .errors import StepflowError, UnsupportedModelError
+from ..errors import StepflowError, UnsupportedModelError
 
 
 def attn_hook(layer: int, name: str) -> str:
@@ -77,6 +78,14 @@ class ModelAdapter:
             return self.model.blocks[layer].attn.W_O
         weight = self.model.blocks[layer].attn.o.original_component.weight  # [d_model, head*d_head]
         return weight.T.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One full forward pass, ``tokens [batch, pos]`` -> logits ``[batch, pos, vocab]``,
+        without a KV cache (the bridge would otherwise start one, and update it twice
+        under activation checkpointing)."""
+        if self.kind == "bridge":
+            return self.model(tokens, use_cache=False)
+        return self.model(tokens)
 
     def check_layers(self, layers) -> list:
         """Validate a list of layer indices against the model."""
@@ -223,6 +232,22 @@ def _alias_cache_keyword(module, args, kwargs):
     return None
 
 
+def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> Tuple[
+    Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]
+]:
+    """Left-padded ``[batch, pos]`` token ids and attention mask (1 = real token) of a
+    batch of token id sequences (lists or 1-D tensors), as `ModelAdapter.prefill` takes
+    them: left padding keeps every row's next token in the last column."""
+    width = max(len(x) for x in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, x in enumerate(sequences):
+        n = len(x)
+        tokens[i, width - n:] = torch.as_tensor(x, dtype=torch.long)
+        mask[i, width - n:] = 1
+    return tokens, mask
+
+
 def _is_hooked_transformer(model) -> bool:
     try:
         from transformer_lens import HookedTransformer
@@ -252,51 +277,3 @@ def tokenizer_of(model_or_tokenizer) -> Any:
         f"expected a TransformerLens model or a Hugging Face tokenizer, "
         f"got {type(model_or_tokenizer).__name__}"
     )
-
-
-def add_permanent_hook(hook_point, fn, dir: str = "fwd"):
-    """Add ``fn`` to a HookPoint as a permanent hook and return its handle.
-
-    Permanent, so a user's ``reset_hooks()`` or ``run_with_hooks`` cannot strip the
-    plugin's internal hooks mid-analysis. TL 3.9's ``add_hook`` returns None, so the
-    handle is read back from the hook point's list (appended last).
-    """
-    hook_point.add_hook(fn, dir=dir, is_permanent=True)
-    return (hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks)[-1]
-
-
-def remove_hook(hook_point, handle, dir: str = "fwd") -> None:
-    """Remove one hook added by `add_permanent_hook`, leaving all others alone."""
-    handle.hook.remove()
-    handles = hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks
-    if handle in handles:
-        handles.remove(handle)
-
-
-class PermanentHooks:
-    """Context manager: install ``[(hook_name, fn), ...]`` as permanent forward hooks,
-    and remove exactly those on exit, whatever the exit path."""
-
-    def __init__(self, model, fwd_hooks):
-        self.model = model
-        self.fwd_hooks = list(fwd_hooks)
-        self._installed: list = []
-
-    def __enter__(self):
-        hook_dict = self.model.hook_dict
-        try:
-            for name, fn in self.fwd_hooks:
-                if name not in hook_dict:
-                    raise UnsupportedModelError(f"this model has no hook point {name!r}")
-                point = hook_dict[name]
-                self._installed.append((point, add_permanent_hook(point, fn)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        while self._installed:
-            point, handle = self._installed.pop()
-            remove_hook(point, handle)
-        return False

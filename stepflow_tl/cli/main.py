@@ -1,0 +1,33 @@
+"""The ``stepflow-tl`` command line (also ``python -m stepflow_tl``): one parser, one
+module per command group."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import analysis, generation, study
+from .common import run_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepflow-tl",
+        description="Step-Saliency and StepFlow for reasoning models on TransformerLens.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    analysis.add_commands(sub)
+    generation.add_commands(sub)
+    study.add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model_name", None) is not None:
+        args.model = args.model_name
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""``stepflow-tl eval``, ``ablate`` and ``demo``: paired studies from the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ..errors import StepflowError
+from ..study import ABLATION, CONDITIONS, DEFAULT_CONDITIONS, Problem, StudyResult, builtin_suite, evaluate, load_problems
+from ..study.demo import honesty_note, run_demo
+from ..traces.formats import FORMAT_CHOICES
+from .common import add_model_args, load_from_args
+
+
+def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
+    parser.add_argument("problems", nargs="?", default="builtin",
+                        help="problem file (.jsonl/.json/.csv/.parquet, see docs/problems.md) or 'builtin' "
+                        "(the built-in suite, see --levels/--n-per-level)")
+    add_model_args(parser)
+    parser.add_argument("--conditions", default=",".join(default_conditions),
+                        help=f"comma-separated names from: {', '.join(CONDITIONS)}")
+    parser.add_argument("--levels", default="1,2,3", help="built-in suite levels (comma-separated)")
+    parser.add_argument("--n-per-level", type=int, default=10, help="built-in suite problems per level")
+    parser.add_argument("--suite-seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--do-sample", action="store_true", help="nucleus sampling instead of greedy")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-style", choices=("chat", "r1"), default="chat")
+    parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto")
+    parser.add_argument("--saliency", type=int, default=0,
+                        help="Step-Saliency maps of up to N correct and N incorrect traces per condition "
+                        "(-1: every trace; 0: none)")
+    parser.add_argument("--results", default=None, help="results JSONL (default: OUT/results.jsonl); resumed if it exists")
+    parser.add_argument("--out", required=True, help="directory for report.html and the CSV files")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def add_eval_arguments(parser) -> None:
+    """Arguments of ``stepflow-tl eval`` (default conditions: baseline, StepFlow, its random control)."""
+    _add_study_arguments(parser, DEFAULT_CONDITIONS)
+
+
+def add_ablate_arguments(parser) -> None:
+    """Arguments of ``stepflow-tl ablate`` (default conditions: the full grid)."""
+    _add_study_arguments(parser, ABLATION)
+
+
+def problems_from_args(args) -> List[Problem]:
+    """The problems named on the command line."""
+    if args.problems == "builtin":
+        try:
+            levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
+        except ValueError:
+            raise StepflowError(f"--levels must be comma-separated integers, got {args.levels!r}") from None
+        problems = builtin_suite(n_per_level=args.n_per_level, levels=levels, seed=args.suite_seed)
+    else:
+        problems = load_problems(args.problems)
+    return problems[: args.limit] if args.limit else problems
+
+
+def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> StudyResult:
+    """Load the model (per process under accelerate), run the study, and on the main
+    process write report.html and the CSV files into ``args.out``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device is None:
+        from accelerate import PartialState
+
+        args.device = str(PartialState().device)
+    out = Path(args.out)
+    results = Path(args.results) if args.results else out / "results.jsonl"
+    problems = problems_from_args(args)
+    model = load_from_args(args)
+    result = evaluate(
+        model, problems, conditions=args.conditions, samples=args.samples, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_p=args.top_p, batch_size=args.batch_size, results_path=results, progress=not args.no_progress,
+        saliency=True if args.saliency < 0 else args.saliency, prompt_style=args.prompt_style, format=args.format,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        paths = result.to_csv(out)
+        report = result.save_html(out / "report.html", title=title, notes=notes)
+        print(f"report: {report}")
+        print(f"csv: {', '.join(str(p) for p in paths.values())}")
+        print(f"results: {results}")
+        print(result.headline())
+    return result
+
+
+def run_eval_cli(args) -> int:
+    """``stepflow-tl eval``."""
+    run_study_cli(args)
+    return 0
+
+
+def run_ablate_cli(args) -> int:
+    """``stepflow-tl ablate``."""
+    run_study_cli(args)
+    return 0
+
+
+def add_demo_arguments(parser) -> None:
+    """Arguments of ``stepflow-tl demo``."""
+    parser.add_argument("--out", default="stepflow_demo", help="directory for the report, CSVs and results.jsonl")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny run (2 problems, 2 conditions, 16 tokens, no maps) for smoke tests")
+    parser.add_argument("--model", default=None,
+                        help="default: the embedded SmolLM2-135M-Instruct ('tiny': a random 2-layer model)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_demo_cli(args) -> int:
+    """``stepflow-tl demo``: run, then print where the report is and the headline numbers."""
+    result, report, seconds = run_demo(args.out, quick=args.quick, model_name=args.model,
+                                       progress=not args.no_progress)
+    n = result.config["n_problems"]
+    print(f"\nreport: {report}")
+    print(f"csv and results: {Path(args.out)}/ (items.csv, summary.csv, by_difficulty.csv, results.jsonl)")
+    print(f"model: {result.config['model']}, {n} built-in problems, greedy, "
+          f"max {result.config['max_new_tokens']} new tokens; wall time {seconds:.0f} s")
+    print(result.headline())
+    print("\n" + honesty_note(result.config["model"], n))
+    return 0
+
+
+def add_commands(sub) -> None:
+    ev = sub.add_parser("eval", help="a paired study: accuracy of a few conditions on a problem set")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=run_eval_cli)
+    ab = sub.add_parser("ablate", help="the full ablation grid: StepFlow, its parts, controls, placement swaps")
+    add_ablate_arguments(ab)
+    ab.set_defaults(func=run_ablate_cli)
+    dm = sub.add_parser("demo", help="a small study on the embedded model, with an HTML report")
+    add_demo_arguments(dm)
+    dm.set_defaults(func=run_demo_cli)

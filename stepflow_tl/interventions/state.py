@@ -1,0 +1,175 @@
+"""The step structure of a batch during generation, as the interventions read it.
+
+`StepState` holds one column per token position for every row (device tensors): the
+segment code of the token, its step, the segment generation is in, and whether a new
+thinking step starts there. `generate` builds it from a `StepTracker` per row; for a
+fixed input, `StepState.from_trace(s)` builds it from traces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..traces.formats import STEP_KINDS
+
+# Segment codes used in `StepState.segment_code` / `current_segment`: 0 is markup, then
+# the step kinds in order.
+MARKUP = 0
+SEGMENT_CODES = {kind: code for code, kind in enumerate(STEP_KINDS, start=1)}
+QUESTION, THINKING, SUMMARY = (SEGMENT_CODES[k] for k in ("question", "thinking", "summary"))
+# The bridge of each current segment: question while thinking, thinking while
+# summarising; a query in the question (or in markup) has no bridge.
+BRIDGE_OF = (MARKUP, MARKUP, QUESTION, THINKING)
+
+
+@dataclass
+class StepState:
+    """Per-row step structure of the sequence a model is running, as device tensors.
+
+    All ``[batch, pos]`` tensors cover every position of the sequence processed so far
+    (left padding included); `generate` makes a new state with one more column per
+    decoded token (`appended`). A state is never changed in place: hooks may reuse what
+    they derived from the same state object (the attention groups, once per forward).
+
+    Attributes:
+        segment_code: ``[batch, pos]`` int8, segment of each token: 0 markup/pad,
+            1 question, 2 thinking, 3 summary.
+        step_id: ``[batch, pos]`` int32, global step index of each token, -1 outside steps.
+        current_segment: ``[batch, pos]`` int8, the segment the text is in when the
+            token at ``pos`` is the query (the tracker's current segment after it).
+        new_step: ``[batch, pos]`` bool, the token starts a thinking step that follows
+            a thinking step (where SMI injects).
+        prefill: ``[batch, pos]`` bool, the token belongs to the prompt of `generate`
+            (interventions skip such queries unless ``during_prefill``).
+        pad: ``[batch]`` int64, number of left-padding positions of each row.
+        row_seed: ``[batch]`` int64, seed of the row for random controls, so a row gets
+            the same random draws whatever batch it runs in.
+        phase: host-side hint, ``"prefill"`` while `generate` runs the prompt (every
+            query is a prompt token, so interventions without ``during_prefill`` skip
+            the pass without looking at device tensors), else ``"full"``.
+        last_starts_step: host-side hint, whether any row's last position starts a step
+            (``new_step``); ``None`` when unknown. Lets SMI skip, without a device sync,
+            the decoding steps where it cannot inject (most of them).
+    """
+
+    segment_code: torch.Tensor
+    step_id: torch.Tensor
+    current_segment: torch.Tensor
+    new_step: torch.Tensor
+    prefill: torch.Tensor
+    pad: torch.Tensor
+    row_seed: torch.Tensor
+    phase: str = "full"
+    last_starts_step: Optional[bool] = None
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.segment_code.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.segment_code.device
+
+    @classmethod
+    def from_trace(cls, trace, device=None, row_seed: int = 0) -> "StepState":
+        """The state of one `Trace` (batch of 1), every position a non-prompt query."""
+        return cls.from_traces([trace], device=device, row_seeds=[row_seed])
+
+    @classmethod
+    def from_traces(cls, traces, device=None, row_seeds: Optional[Sequence[int]] = None) -> "StepState":
+        """The state of a batch of traces, left-padded to the longest (match the tokens
+        with `pad_token_ids`)."""
+        rows = [_row_from_trace(t) for t in traces]
+        seeds = list(row_seeds) if row_seeds is not None else list(range(len(rows)))
+        return cls.from_rows(rows, device=device, row_seeds=seeds, prefill_lengths=[0] * len(rows))
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence["RowSteps"],
+        *,
+        device=None,
+        row_seeds: Sequence[int],
+        prefill_lengths: Sequence[int],
+    ) -> "StepState":
+        """Left-pad per-row step lists into a state."""
+        width = max(len(r.segment_code) for r in rows)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+
+        def padded(values, fill, dtype):
+            out = torch.full((len(rows), width), fill, dtype=dtype)
+            for i, v in enumerate(values):
+                if len(v):
+                    out[i, width - len(v):] = torch.as_tensor(v, dtype=dtype)
+            return out.to(device)
+
+        pads = [width - len(r.segment_code) for r in rows]
+        prefill = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (p, n) in enumerate(zip(pads, prefill_lengths)):
+            prefill[i, p:p + n] = True
+        return cls(
+            segment_code=padded([r.segment_code for r in rows], MARKUP, torch.int8),
+            step_id=padded([r.step_id for r in rows], -1, torch.int32),
+            current_segment=padded([r.current_segment for r in rows], MARKUP, torch.int8),
+            new_step=padded([r.new_step for r in rows], False, torch.bool),
+            prefill=prefill.to(device),
+            pad=torch.tensor(pads, dtype=torch.int64, device=device),
+            row_seed=torch.tensor(list(row_seeds), dtype=torch.int64, device=device),
+            last_starts_step=any(bool(r.new_step[-1]) for r in rows if r.new_step),
+        )
+
+    def appended(self, segment_code, step_id, current_segment, new_step) -> "StepState":
+        """The state with one more position: each argument is ``[batch]``."""
+        cat = lambda old, new: torch.cat([old, new.to(old.device, old.dtype)[:, None]], dim=1)
+        return replace(
+            self,
+            segment_code=cat(self.segment_code, segment_code),
+            step_id=cat(self.step_id, step_id),
+            current_segment=cat(self.current_segment, current_segment),
+            new_step=cat(self.new_step, new_step),
+            prefill=cat(self.prefill, torch.zeros_like(new_step, dtype=torch.bool)),
+            phase="full",
+            # generate builds the new column on the host, where reading it costs no sync
+            last_starts_step=bool(new_step.any()) if new_step.device.type == "cpu" else None,
+        )
+
+
+@dataclass
+class RowSteps:
+    """Step structure of one row, as Python lists (one entry per token)."""
+
+    segment_code: List[int] = field(default_factory=list)
+    step_id: List[int] = field(default_factory=list)
+    current_segment: List[int] = field(default_factory=list)
+    new_step: List[bool] = field(default_factory=list)
+
+
+def extend_row(row: RowSteps, token_steps: Sequence[int], step_kinds: Sequence[str]) -> RowSteps:
+    """Append tokens to ``row`` given their step indices and the kind of every step.
+
+    A token outside steps (markup, -1) has segment code 0; its current segment is the
+    segment of the last step that started at or before it (so ``</think>`` still
+    counts as thinking), or 0 before any step. ``new_step`` marks the first token of a
+    thinking step whose previous step is a thinking step.
+    """
+    codes = [SEGMENT_CODES[k] for k in step_kinds]
+    current = row.current_segment[-1] if row.current_segment else MARKUP
+    previous = next((s for s in reversed(row.step_id) if s >= 0), -1)
+    for s in token_steps:
+        s = int(s)
+        code = codes[s] if s >= 0 else MARKUP
+        starts = s >= 0 and s != previous
+        if s >= 0:
+            current, previous = code, s
+        row.segment_code.append(code)
+        row.step_id.append(s)
+        row.current_segment.append(current)
+        row.new_step.append(bool(starts and code == THINKING and s > 0 and codes[s - 1] == THINKING))
+    return row
+
+
+def _row_from_trace(trace) -> RowSteps:
+    return extend_row(RowSteps(), trace.token_steps.tolist(), [s.kind for s in trace.steps])

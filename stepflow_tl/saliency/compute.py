@@ -1,0 +1,384 @@
+"""Step-Saliency: attention x gradient, pooled into step-to-step maps per layer.
+
+For layer ``l``, head ``h``, query token ``t`` and key token ``k``::
+
+    I_l[t, k] = (1/H) * sum_h | A_lh[t, k] * dL/dA_lh[t, k] |
+
+and the step map ``M_l[i, j]`` pools ``I_l`` over the block of query step ``i`` and key
+step ``j`` (`stepflow_tl.traces.pooling`). Three ways to get the same maps:
+
+- `step_saliency(model, trace, mode="dense")`: one forward and backward with hooks on
+  ``hook_pattern``; autograd keeps every layer's attention alive, O(layers x heads x T^2).
+- `step_saliency(model, trace, mode="bounded")`: every block runs under activation
+  checkpointing, so its attention exists only while its own backward runs, and each
+  layer is pooled the moment its gradient arrives; a built-in loss is computed inside
+  the unembedding a block of positions at a time, so the ``[pos, vocab]`` logits never
+  exist whole. Memory grows like one layer's attention, at the price of a second forward.
+- `step_saliency_from_cache(cache, trace)`: from a user's ``run_with_cache(...,
+  incl_bwd=True)`` cache.
+
+`step_attention` pools the attention probabilities themselves (no gradient) into the
+same result type.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack
+from typing import Iterable, Optional, Union
+
+import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
+
+from ..errors import StepflowError
+from ..tl.adapter import adapter, attn_hook, block_hook
+from ..tl.hooks import PermanentHooks, checkpointed_blocks, layer_of
+from ..traces.pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
+from .losses import LossFn, at_least_fp32, loss_in_unembedding, loss_target_positions, resolve_loss
+from .maps import StepSaliency
+
+SALIENCY_POOLS = ("mean", "causal_mean")
+
+
+# ---------------------------------------------------------------------- core
+class _LayerPooler:
+    """Accumulates per-head pooled maps, ``[layer, head, step, step]``, as layers arrive."""
+
+    # Elements of the fp32 product |A * dL/dA| formed at once: 64 MB, whatever T is.
+    PRODUCT_ELEMENTS = 1 << 24
+
+    def __init__(self, trace, layers, n_heads, pool, device):
+        steps = trace.token_steps.to(device)
+        self.onehot = step_onehot(steps, trace.n_steps)
+        self.counts = pair_counts(steps, trace.n_steps, pool).to(device)
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        self.head_maps = torch.zeros(len(layers), n_heads, trace.n_steps, trace.n_steps, dtype=torch.float64)
+        self.done = set()
+
+    @staticmethod
+    def _check_finite(layer: int, values: torch.Tensor) -> None:
+        if not bool(torch.isfinite(values).all()):
+            raise StepflowError(
+                f"layer {layer}: non-finite attention or gradient (NaN/inf); with fp16 this "
+                "is usually overflow: run the model in bf16 or fp32"
+            )
+
+    def _store(self, layer: int, sums: torch.Tensor) -> None:
+        self.head_maps[self.index[layer]] = normalise_blocks(sums, self.counts).cpu()
+        self.done.add(layer)
+
+    def add(self, layer: int, values: torch.Tensor) -> None:
+        """``values``: ``[1, head, q, k]`` token-level map of ``layer``."""
+        self._check_finite(layer, values)
+        self._store(layer, block_sums(values[0], self.onehot, self.onehot))
+
+    def add_product(self, layer: int, pattern: torch.Tensor, grad: torch.Tensor) -> None:
+        """Pool ``|pattern * grad|`` (both ``[1, head, q, k]``), formed in fp32 (float64 for float64 models).
+
+        The product is made a block of query rows at a time: the whole layer's
+        ``[head, T, T]`` product (and its float64 copy) would otherwise add two to
+        four T x T copies on top of what autograd already holds for the layer.
+        """
+        pattern, grad = pattern[0], grad[0]
+        n_heads, n_q, n_k = pattern.shape
+        rows = max(1, self.PRODUCT_ELEMENTS // max(1, n_heads * n_k))
+        sums = torch.zeros(n_heads, *self.counts.shape, dtype=torch.float64, device=pattern.device)
+        for row in range(0, n_q, rows):
+            block = slice(row, row + rows)
+            part = (at_least_fp32(pattern[:, block]) * at_least_fp32(grad[:, block])).abs_()
+            self._check_finite(layer, part)
+            sums += block_sums(part, self.onehot[block], self.onehot)
+        self._store(layer, sums)
+
+
+def _check_inputs(model, trace, pool, pools, layers):
+    if pool not in pools:
+        raise ValueError(f"pool must be one of {pools}, got {pool!r}")
+    trace.check_tokenizer(model)
+    a = adapter(model)
+    if a.n_ctx and trace.token_ids.shape[0] > a.n_ctx:
+        raise StepflowError(
+            f"the trace has {trace.token_ids.shape[0]} tokens, more than the model's context of {a.n_ctx}"
+        )
+    if trace.n_steps < 2:
+        raise StepflowError(
+            f"a step map needs at least two steps; this trace has {trace.n_steps}"
+        )
+    layers = a.check_layers(range(a.n_layers) if layers is None else layers)
+    if not layers:
+        raise ValueError("layers is empty")
+    return a, sorted(set(layers))
+
+
+def _make_result(trace, layers, pooler, *, n_model_layers, map_kind, pool, loss, per_head, meta=None):
+    head_maps = pooler.head_maps
+    return StepSaliency(
+        maps=head_maps.mean(1),
+        layers=list(layers),
+        n_model_layers=n_model_layers,
+        step_kinds=list(trace.step_kinds),
+        step_labels=list(trace.step_labels),
+        map_kind=map_kind,
+        pool=pool,
+        loss=loss,
+        head_maps=head_maps if per_head else None,
+        meta={**dict(getattr(trace, "meta", {}) or {}), **(meta or {})},
+    )
+
+
+class _DenseGradients:
+    """Dense mode: one forward and one backward. Autograd keeps every mapped layer's
+    pattern; each is pooled with its gradient when that arrives, and backward stops at
+    the lowest mapped layer's pattern."""
+
+    def __init__(self, pooler: _LayerPooler, layers: list):
+        self.pooler, self.layers = pooler, layers
+        self.target: Optional[torch.Tensor] = None  # where backward may stop
+
+    def hooks(self) -> list:
+        return [(attn_hook(layer, "pattern"), self._on_pattern) for layer in self.layers]
+
+    def contexts(self, model) -> list:
+        return []
+
+    def _on_pattern(self, pattern, hook):
+        layer = layer_of(hook)
+        kept = pattern.detach()
+        pattern.register_hook(lambda grad: self.pooler.add_product(layer, kept, grad))
+        if layer == self.layers[0]:
+            self.target = pattern
+
+
+class _BoundedGradients:
+    """Bounded mode: the blocks from the lowest mapped one up run under activation
+    checkpointing. The first call of each layer's pattern hook is the checkpointed
+    forward, whose activations are dropped; the second is the recomputation during
+    backward, whose pattern is held just until that layer's gradient arrives. Backward
+    stops at the lowest mapped block's input, [1, pos, d_model]: holding that block's
+    first-pass pattern as the target, as dense mode does, would keep a T x T tensor alive."""
+
+    def __init__(self, pooler: _LayerPooler, layers: list):
+        self.pooler, self.layers = pooler, layers
+        self.target: Optional[torch.Tensor] = None
+        self.seen = dict.fromkeys(layers, 0)
+        self.recomputed: dict = {}
+
+    def hooks(self) -> list:
+        return [(attn_hook(layer, "pattern"), self._on_pattern) for layer in self.layers] + [
+            (block_hook(self.layers[0], "resid_pre"), self._on_input)
+        ]
+
+    def contexts(self, model) -> list:
+        return [checkpointed_blocks(model, self.layers[0]), set_checkpoint_early_stop(False)]
+
+    def _on_input(self, resid, hook):
+        if self.target is None:
+            self.target = resid
+
+    def _on_pattern(self, pattern, hook):
+        layer = layer_of(hook)
+        self.seen[layer] += 1
+        if self.seen[layer] == 1:
+            pattern.register_hook(lambda grad: self.pooler.add_product(layer, self.recomputed.pop(layer), grad))
+        else:
+            self.recomputed[layer] = pattern.detach()
+
+
+_GRADIENTS = {"dense": _DenseGradients, "bounded": _BoundedGradients}
+MODES = tuple(_GRADIENTS)
+
+
+def step_saliency(
+    model,
+    trace,
+    *,
+    loss: Union[str, LossFn] = "sequence",
+    pool: str = "mean",
+    layers: Optional[Iterable[int]] = None,
+    per_head: bool = False,
+    mode: str = "dense",
+) -> StepSaliency:
+    """Step-Saliency maps of one trace.
+
+    Args:
+        model: ``TransformerBridge`` or ``HookedTransformer``.
+        trace: a `stepflow_tl.Trace` tokenised with the model's tokenizer.
+        loss: ``"sequence"`` (mean next-token cross-entropy over the whole trace, the
+            authors' choice), ``"summary"`` (summary tokens only), ``"answer"`` (the final
+            answer's tokens) or ``fn(logits [1, pos, vocab], trace) -> scalar``.
+        pool: ``"mean"`` (whole block, the paper) or ``"causal_mean"`` (pairs k <= t).
+        layers: model layers to map (default all).
+        per_head: also keep ``head_maps [layer, head, step_q, step_k]``.
+        mode: ``"dense"`` (reference) or ``"bounded"`` (activation checkpointing and a
+            block-wise loss, memory of one layer's attention); both are exact. Bounded
+            mode refuses a built-in loss on a model that transforms its logits after the
+            unembedding (soft-capping); a callable loss gets whole logits in either mode.
+
+    Returns:
+        `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
+        ``|A * dL/dA|`` are formed in fp32 for fp16/bf16/fp32 models, float64 for float64 ones).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    a, layers = _check_inputs(model, trace, pool, SALIENCY_POOLS, layers)
+    loss_name, loss_fn = resolve_loss(loss, trace)
+    # Bounded mode never holds whole-sequence logits for a built-in loss; a callable
+    # loss needs them, so it gets them.
+    blockwise_loss = mode == "bounded" and not callable(loss)
+    pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device)
+    tokens = trace.token_ids[None].to(a.device)
+    gradients = _GRADIENTS[mode](pooler, layers)
+    with ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(PermanentHooks(model, gradients.hooks()))
+        for context in gradients.contexts(model):
+            stack.enter_context(context)
+        if blockwise_loss:
+            in_unembedding = stack.enter_context(
+                loss_in_unembedding(model, trace.token_ids, loss_target_positions(loss, trace))
+            )
+            value = in_unembedding.check_output(a.forward(tokens))
+        else:
+            # no name for the logits: only what the loss saves for backward stays alive
+            value = loss_fn(a.forward(tokens))
+        if value.ndim != 0:
+            raise StepflowError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
+        if not bool(torch.isfinite(value)):
+            raise StepflowError(f"the loss is not finite ({float(value.detach())})")
+        torch.autograd.grad(value, [gradients.target])
+    missing = set(layers) - pooler.done
+    if missing:
+        raise StepflowError(f"no gradient reached layers {sorted(missing)}")
+    return _make_result(
+        trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
+        loss=loss_name, per_head=per_head, meta={"mode": mode, "loss_value": float(value.detach())},
+    )
+
+
+# ---------------------------------------------------------------------- from caches
+def _cache_tensor(cache, name: str, n_pos: int, how: str) -> torch.Tensor:
+    try:
+        value = cache[name]
+    except KeyError:
+        raise StepflowError(f"the cache has no {name!r}; {how}") from None
+    value = value if value.ndim == 4 else value[None]
+    if value.shape[0] != 1:
+        raise StepflowError(f"{name}: expected batch size 1, got {value.shape[0]}")
+    if value.shape[-1] != n_pos or value.shape[-2] != n_pos:
+        raise StepflowError(
+            f"{name} covers {value.shape[-1]} positions but the trace has {n_pos} tokens: "
+            "the cache comes from another input"
+        )
+    return value
+
+
+def _cache_layers(cache, layers) -> list:
+    if layers is not None:
+        return sorted(set(int(l) for l in layers))
+    found = sorted(
+        {int(m.group(1)) for k in cache.keys() if (m := re.fullmatch(r"blocks\.(\d+)\.attn\.hook_pattern", k))}
+    )
+    if not found:
+        raise StepflowError(
+            "the cache has no 'blocks.{l}.attn.hook_pattern'; make it with "
+            "model.run_with_cache(tokens, names_filter=lambda n: n.endswith('hook_pattern'))"
+        )
+    return found
+
+
+def _n_model_layers(cache, fallback: int) -> int:
+    model = getattr(cache, "model", None)
+    return int(model.cfg.n_layers) if model is not None else fallback
+
+
+def step_saliency_from_cache(
+    cache,
+    trace,
+    *,
+    pool: str = "mean",
+    layers: Optional[Iterable[int]] = None,
+    per_head: bool = False,
+    loss: str = "from cache",
+) -> StepSaliency:
+    """Step-Saliency from an ``ActivationCache`` with attention patterns and their gradients.
+
+    Make the cache with::
+
+        _, cache = model.run_with_cache(
+            trace.token_ids[None], return_type="loss", incl_bwd=True,
+            names_filter=lambda n: n.endswith("hook_pattern"),
+        )
+
+    ``return_type="loss"`` is TL's mean next-token cross-entropy, i.e. ``loss="sequence"``.
+    """
+    if pool not in SALIENCY_POOLS:
+        raise ValueError(f"pool must be one of {SALIENCY_POOLS}, got {pool!r}")
+    layers = _cache_layers(cache, layers)
+    n_pos = trace.token_ids.shape[0]
+    how = ("make the cache with model.run_with_cache(tokens, return_type='loss', incl_bwd=True) "
+           "including these layers' hook_pattern")
+    missing = [
+        n for l in layers for n in (attn_hook(l, "pattern"), attn_hook(l, "pattern") + "_grad")
+        if n not in cache.keys()
+    ]
+    if missing:
+        raise StepflowError(f"the cache lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}; {how}")
+    pattern0 = _cache_tensor(cache, attn_hook(layers[0], "pattern"), n_pos, how)
+    pooler = _LayerPooler(trace, layers, pattern0.shape[1], pool, pattern0.device)
+    for layer in layers:
+        pattern = _cache_tensor(cache, attn_hook(layer, "pattern"), n_pos, how)
+        grad = _cache_tensor(cache, attn_hook(layer, "pattern") + "_grad", n_pos, how)
+        pooler.add_product(layer, pattern, grad)
+    return _make_result(
+        trace, layers, pooler, n_model_layers=_n_model_layers(cache, max(layers) + 1),
+        map_kind="saliency", pool=pool, loss=loss, per_head=per_head,
+    )
+
+
+def step_attention(
+    model_or_cache,
+    trace,
+    *,
+    pool: str = "mass",
+    layers: Optional[Iterable[int]] = None,
+    per_head: bool = False,
+) -> StepSaliency:
+    """Gradient-free step maps: attention probabilities pooled to steps.
+
+    Args:
+        model_or_cache: a TL model (one forward pass is run) or an ``ActivationCache``
+            holding ``blocks.{l}.attn.hook_pattern``.
+        pool: ``"mass"`` (default: attention mass from query step to key step, rows sum
+            to at most 1), ``"mean"`` or ``"causal_mean"``.
+
+    Returns:
+        `StepSaliency` with ``map_kind="attention"``.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    n_pos = trace.token_ids.shape[0]
+    if hasattr(model_or_cache, "hook_dict"):
+        model = model_or_cache
+        a, layers = _check_inputs(model, trace, pool, POOLS, layers)
+        pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device)
+
+        def capture(pattern, hook):
+            pooler.add(layer_of(hook), pattern.detach())
+
+        with torch.no_grad(), PermanentHooks(model, [(attn_hook(l, "pattern"), capture) for l in layers]):
+            a.forward(trace.token_ids[None].to(a.device))
+        return _make_result(
+            trace, layers, pooler, n_model_layers=a.n_layers, map_kind="attention", pool=pool,
+            loss="", per_head=per_head,
+        )
+    cache = model_or_cache
+    layers = _cache_layers(cache, layers)
+    how = "make the cache with model.run_with_cache(tokens) including these layers' hook_pattern"
+    pattern0 = _cache_tensor(cache, attn_hook(layers[0], "pattern"), n_pos, how)
+    pooler = _LayerPooler(trace, layers, pattern0.shape[1], pool, pattern0.device)
+    for layer in layers:
+        pooler.add(layer, _cache_tensor(cache, attn_hook(layer, "pattern"), n_pos, how).detach())
+    return _make_result(
+        trace, layers, pooler, n_model_layers=_n_model_layers(cache, max(layers) + 1),
+        map_kind="attention", pool=pool, loss="", per_head=per_head,
+    )

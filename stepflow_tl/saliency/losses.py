@@ -1,0 +1,170 @@
+"""The losses Step-Saliency differentiates: built-in ones by name (``"sequence"``,
+``"summary"``, ``"answer"``) or a callable, and the block-wise form of a built-in loss
+that bounded mode computes inside the unembedding."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import StepflowError
+from ..tl.hooks import shadow_forward
+from ..traces.formats import stated_answer_span
+
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+LOSSES = ("sequence", "summary", "answer")
+
+
+def _token_positions(trace, kinds: Iterable[str]) -> torch.Tensor:
+    wanted = [s.index for s in trace.steps if s.kind in kinds]
+    return torch.isin(trace.token_steps, torch.tensor(wanted, dtype=torch.long)).nonzero()[:, 0]
+
+
+def answer_token_positions(trace) -> Int[torch.Tensor, "n"]:
+    """Token positions of the final answer inside the summary.
+
+    The answer is the content of the last ``\\boxed{...}`` in the summary, else the
+    text after the last ``Answer:``; tokens that overlap it count.
+    """
+    summary = [s for s in trace.steps if s.kind == "summary"]
+    if not summary:
+        raise StepflowError("loss='answer' needs a trace with a summary")
+    start, end = summary[0].char_span[0], summary[-1].char_span[1]
+    span = stated_answer_span(trace.text[start:end])
+    if span is None:
+        raise StepflowError(
+            "loss='answer' found no answer in the summary (no \\boxed{...} and no 'Answer:')"
+        )
+    a, b = start + span[0], start + span[1]
+    if trace.token_offsets is None:
+        raise StepflowError("loss='answer' needs token offsets; rebuild the trace with Trace.from_text/from_parts")
+    offsets = trace.token_offsets
+    return ((offsets[:, 0] < b) & (offsets[:, 1] > a)).nonzero()[:, 0]
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 products and log-softmaxes lose digits; float64 models keep theirs."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _target_ce(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting the tokens at ``positions`` (each from the one before)."""
+    positions = positions[positions > 0].to(logits.device)
+    if positions.numel() == 0:
+        raise StepflowError("the loss covers no predictable tokens")
+    logp = torch.log_softmax(at_least_fp32(logits[0, positions - 1]), dim=-1)
+    return -logp.gather(-1, token_ids.to(logits.device)[positions, None]).mean()
+
+
+def loss_target_positions(loss: str, trace) -> Int[torch.Tensor, "n"]:
+    """Token positions whose prediction a built-in loss scores, ``[n]`` long."""
+    if loss == "sequence":
+        return torch.arange(1, trace.token_ids.shape[0])
+    if loss == "summary":
+        positions = _token_positions(trace, ("summary",))
+        if positions.numel() == 0:
+            raise StepflowError("loss='summary' needs a trace with summary tokens")
+        return positions
+    if loss == "answer":
+        return answer_token_positions(trace)
+    raise ValueError(f"loss must be one of {LOSSES} or a callable(logits, trace), got {loss!r}")
+
+
+def resolve_loss(loss: Union[str, LossFn], trace) -> tuple:
+    """``(name, fn(logits [1, pos, vocab]) -> scalar)`` for a loss spec."""
+    if callable(loss):
+        return getattr(loss, "__name__", "callable"), lambda logits: loss(logits, trace)
+    positions = loss_target_positions(loss, trace)
+    return loss, lambda logits: _target_ce(logits, trace.token_ids, positions)
+
+
+class loss_in_unembedding:
+    """Compute a built-in loss inside the unembedding, one block of positions at a time.
+
+    Used by bounded mode. Otherwise the ``[1, pos, vocab]`` logits, their log-softmax
+    and its gradient (~4 such copies) are the largest tensors of a bounded run: 1.5 GiB
+    at T = 2048 on SmolLM2's 49k vocabulary, ~40 GB at T = 16k on a 152k-vocabulary
+    model. ``unembed.forward`` is shadowed (`stepflow_tl.tl.hooks.shadow_forward`) for the duration: it receives the final
+    normalised residual ``[1, pos, d_model]``, unembeds a block of predicting positions
+    at a time under activation checkpointing (so one block's logits exist at a time, in
+    the forward and again in the backward), sums their cross-entropy into ``self.loss``
+    and hands the model a zero-stride stand-in for the logits.
+
+    The loss is only right if nothing transforms the logits after the unembedding
+    (soft-capping, a logit scale): `check_output` raises unless the model returned the
+    stand-in untouched.
+    """
+
+    # Elements of one block's logits: 64 MB in fp32, whatever the vocabulary.
+    LOGIT_ELEMENTS = 1 << 24
+
+    def __init__(self, model, token_ids: torch.Tensor, positions: torch.Tensor):
+        positions = torch.unique(positions[positions > 0])  # sorted
+        if positions.numel() == 0:
+            raise StepflowError("the loss covers no predictable tokens")
+        self.unembed = model.unembed
+        self.vocab = int(model.cfg.d_vocab_out)
+        self.token_ids = token_ids
+        self.positions = positions
+        self.loss: Optional[torch.Tensor] = None
+        self.stand_in: Optional[torch.Tensor] = None
+
+    def _block_losses(self, unembed, resid, args, kwargs) -> torch.Tensor:
+        """Mean cross-entropy over ``self.positions``, from ``resid [1, pos, d_model]``.
+
+        Blocks are runs of consecutive positions, as long as the budget allows, even
+        when the loss scores only a few of them (``loss="answer"``): a matrix product
+        over a handful of rows takes another BLAS path than the dense mode's
+        whole-sequence one and rounds differently (measured: 1e-5 relative in the maps
+        of SmolLM2 with a 3-token answer), while blocks of hundreds of rows give the
+        dense mode's numbers bit for bit in every case measured.
+        """
+        predicting = (self.positions - 1).to(resid.device)
+        targets = self.token_ids.to(resid.device)[self.positions]
+
+        def block_sum(resid, start, stop, rows, block_targets):
+            logits = at_least_fp32(unembed(resid[:, start:stop], *args, **kwargs)[0, rows])
+            return -torch.log_softmax(logits, dim=-1).gather(-1, block_targets[:, None]).sum()
+
+        length = max(1, self.LOGIT_ELEMENTS // self.vocab)
+        stop = int(predicting[-1]) + 1
+        lowest = max(0, min(int(predicting[0]), stop - length))
+        total = 0.0
+        for block_stop in range(stop, lowest, -length):
+            block_start = max(lowest, block_stop - length)
+            inside = (predicting >= block_start) & (predicting < block_stop)
+            if bool(inside.any()):
+                total = total + checkpoint(
+                    block_sum, resid, block_start, block_stop, predicting[inside] - block_start,
+                    targets[inside], use_reentrant=False,
+                )
+        return total / predicting.numel()
+
+    def __enter__(self):
+        original = self.unembed.forward
+
+        def forward(resid, *args, **kwargs):
+            self.loss = self._block_losses(original, resid, args, kwargs)
+            self.stand_in = resid.new_zeros(()).expand(*resid.shape[:-1], self.vocab)
+            return self.stand_in
+
+        self._shadow = shadow_forward(self.unembed, forward)
+        self._shadow.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._shadow.__exit__(*exc)
+        return False
+
+    def check_output(self, output) -> torch.Tensor:
+        """The loss, once the model's ``output`` is known to be the untouched logits."""
+        if self.loss is None or output is not self.stand_in:
+            raise StepflowError(
+                "this model transforms its logits after the unembedding (e.g. soft-capping "
+                "or a logit scale), so bounded mode cannot compute the loss block by block; "
+                "use mode='dense' or pass the loss as a callable(logits, trace)"
+            )
+        return self.loss

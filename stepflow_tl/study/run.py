@@ -1,0 +1,342 @@
+"""Paired studies: conditions x problems x samples, streamed to a resumable JSONL file.
+
+`evaluate(model, problems, conditions=...)` generates every (problem, condition, sample)
+with `stepflow_tl.interventions.generate`, grades it, and appends one JSON line per finished
+item to ``results_path``. Every condition sees the same problems and, for a given
+(problem, sample), the same seed whatever the batch it runs in, so the comparison with
+the baseline is paired. `ablate` runs the full grid of docs/method.md (ablations).
+
+Under ``accelerate launch`` the problems are split across processes
+(``accelerate.PartialState``); each process streams to its own shard file and the main
+process merges the shards into ``results_path`` at the end. See ``docs/study.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import pandas as pd
+
+from ..errors import StepflowError
+from ..interventions.generate import generate, row_seed, seed_for_rows
+from ..saliency.compute import step_saliency
+from ..tl.adapter import adapter
+from .conditions import ABLATION, DEFAULT_CONDITIONS, describe, resolve_conditions
+from .grading import grade
+from .problems import Problem, prompt_for
+from ..saliency.maps import StepSaliency
+from .result import StudyResult
+from .results import (
+    ITEM_COLUMNS,
+    ResultsFile,
+    check_config,
+    merge_shards,
+    read_results,
+    shard_path,
+    shards,
+)
+
+
+def item_seed(seed: int, global_index: int) -> int:
+    """The seed of item ``global_index`` (``problem_index * samples + sample``): generate's
+    row seed of row ``global_index`` in a call with ``seed``."""
+    return row_seed(seed, global_index)
+
+
+# --------------------------------------------------------------------------- config
+def _problem_fingerprint(problems: Sequence[Problem]) -> str:
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.id, p.question, p.answer, p.kind, p.choices], default=list).encode())
+    return h.hexdigest()[:16]
+
+
+def study_config(model, problems, conditions: Dict[str, list], **settings) -> dict:
+    """The JSON-safe description of a study that decides whether a results file can be
+    resumed (batch size and process count are not part of it)."""
+    a = adapter(model)
+    cfg = getattr(model, "cfg", None)
+    return {
+        "model": str(getattr(cfg, "model_name", type(model).__name__)),
+        "model_shape": [a.n_layers, a.n_heads, a.n_kv_heads, a.d_model],
+        "n_problems": len(problems),
+        "problems_sha": _problem_fingerprint(problems),
+        "conditions": {name: [describe(iv) for iv in ivs] for name, ivs in conditions.items()},
+        **settings,
+    }
+
+
+# --------------------------------------------------------------------------- running
+def _event_summary(events) -> tuple:
+    counts: Dict[str, int] = {}
+    kls = []
+    for e in events:
+        counts[e.intervention] = counts.get(e.intervention, 0) + 1
+        if e.kl == e.kl:  # not NaN
+            kls.append(e.kl)
+    return counts, (sum(kls) / len(kls) if kls else None)
+
+
+def _runs(indices: List[int], batch_size: int) -> List[List[int]]:
+    """Batches of consecutive indices (a gap starts a new batch, so seeds line up)."""
+    batches: List[List[int]] = []
+    for i in indices:
+        if batches and batches[-1][-1] == i - 1 and len(batches[-1]) < batch_size:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _saliency_path(results_path: Optional[Path], condition: str, problem_id: str, sample: int) -> Optional[Path]:
+    if results_path is None:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in problem_id)
+    return results_path.parent / f"{results_path.stem}.saliency" / condition / f"{safe}__s{sample}.npz"
+
+
+def _distributed_state():
+    """`accelerate.PartialState` when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def evaluate(
+    model,
+    problems: Sequence[Problem],
+    *,
+    conditions=DEFAULT_CONDITIONS,
+    samples: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    results_path=None,
+    progress: bool = True,
+    saliency: Union[bool, int] = False,
+    saliency_loss: str = "sequence",
+    prompt_style: str = "chat",
+    format: str = "auto",
+    system: Optional[str] = None,
+    reference: str = "baseline",
+) -> StudyResult:
+    """Run every condition on every problem ``samples`` times and grade the outputs.
+
+    Args:
+        model: a TL model (each process of an ``accelerate launch`` loads its own).
+        problems: `Problem` list (unique ids).
+        conditions: names from `CONDITIONS`, or ``{name: [interventions]}`` (values may
+            also be callables returning the list).
+        samples: generations per (problem, condition); item (problem i, sample s) has
+            seed ``item_seed(seed, i * samples + s)`` in every condition.
+        max_new_tokens, do_sample, temperature, top_p: decoding (greedy by default).
+        batch_size: rows per `generate` call (a batch never spans a gap in the pending
+            items, so resumed and fresh runs give every item the same seed).
+        results_path: JSONL file to stream to and resume from (required with several
+            processes).
+        progress: a tqdm bar on the main process.
+        saliency: ``True``: Step-Saliency (bounded mode) of every generated trace;
+            an int k: of at most k correct and k incorrect traces per condition (per
+            process under accelerate); maps are saved next to ``results_path``
+            (``<stem>.saliency/``).
+        saliency_loss: the loss of `step_saliency`.
+        prompt_style, format, system: `prompt_for` style and `generate` options.
+        reference: the condition the others are paired against.
+
+    Returns:
+        `StudyResult` of every finished item (all of them, merged over processes).
+
+    Raises:
+        StepflowError: bad arguments, or ``results_path`` written with another config.
+    """
+    problems = list(problems)
+    if not problems:
+        raise StepflowError("no problems given")
+    if not all(isinstance(p, Problem) for p in problems):
+        raise StepflowError("problems must be stepflow_tl.Problem objects (see load_problems)")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise StepflowError("problem ids must be unique")
+    if samples < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise StepflowError(f"samples, batch_size and max_new_tokens must be >= 1; got {samples}, "
+                            f"{batch_size}, {max_new_tokens}")
+    if not isinstance(saliency, (bool, int)) or saliency is not True and saliency < 0:
+        raise StepflowError(f"saliency must be True/False or a number of maps >= 0, got {saliency!r}")
+    conds = resolve_conditions(conditions)
+    config = study_config(
+        model, problems, conds, samples=samples, seed=seed, max_new_tokens=max_new_tokens,
+        do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+        prompt_style=prompt_style, format=format, system=system,
+        saliency=(saliency if saliency is True else int(saliency)), saliency_loss=saliency_loss,
+    )
+    path = Path(results_path) if results_path is not None else None
+    state = _distributed_state()
+    world, rank = (state.num_processes, state.process_index) if state else (1, 0)
+    if world > 1 and path is None:
+        raise StepflowError("a multi-process run needs results_path (each process writes a shard next to it)")
+
+    # The main file first (the main process creates or checks it), then every process
+    # reads what is done in it and in any shard left by an earlier run.
+    if rank == 0 and path is not None:
+        ResultsFile.open(path, config).close()
+    if state:
+        state.wait_for_everyone()
+    done: Dict[tuple, dict] = {}
+    if path is not None:
+        for source in [path] + [s for s in shards(path) if world == 1 or s != shard_path(path, rank, world)]:
+            header, recs = read_results(source, tolerate_partial=source != path)
+            if header is not None:
+                check_config(source, header, config)
+            for r in recs:
+                done.setdefault((r["problem_id"], r["condition"], r["sample"]), r)
+    mine = list(range(len(problems)))
+    if state:
+        with state.split_between_processes(mine) as part:
+            mine = list(part)
+    out_path = shard_path(path, rank, world) if (path is not None and world > 1) else path
+    store = ResultsFile.open(out_path, config) if out_path is not None else None
+    if store is not None:
+        for r in store.records:
+            done.setdefault((r["problem_id"], r["condition"], r["sample"]), r)
+    memory: List[dict] = []  # the items of a run without a results file
+
+    fresh_maps: Dict[tuple, object] = {}
+    maps_made: Dict[tuple, int] = {}
+    for r in done.values():
+        if r["saliency"]:
+            key = (r["condition"], bool(r["correct"]))
+            maps_made[key] = maps_made.get(key, 0) + 1
+    pending = {name: [g for g in (i * samples + s for i in mine for s in range(samples))
+                      if (ids[g // samples], name, g % samples) not in done] for name in conds}
+    total = sum(len(v) for v in pending.values())
+    bar = None
+    if progress and rank == 0 and total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="item", desc="study", file=sys.stderr)
+    try:
+        for name, ivs in conds.items():
+            if bar is not None:
+                bar.set_description(name)
+            for batch in _runs(pending[name], batch_size):
+                probs = [problems[g // samples] for g in batch]
+                t0 = time.perf_counter()
+                gens = generate(
+                    model, [prompt_for(p, style=prompt_style) for p in probs], max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed_for_rows(seed, batch[0]),
+                    interventions=ivs, format=format, system=system,
+                )
+                wall = (time.perf_counter() - t0) / len(batch)
+                for g, p, gen in zip(batch, probs, gens):
+                    if gen.seed != item_seed(seed, g):
+                        raise StepflowError("generate reported other row seeds than seed_for_rows promised")
+                    verdict = grade(gen.text, p)
+                    counts, mean_kl = _event_summary(gen.events)
+                    sample = g % samples
+                    rel = None
+                    if saliency is not False:
+                        key = (name, bool(verdict.correct))
+                        # A step map needs two steps; a one-step answer has none to draw.
+                        wanted = saliency is True or maps_made.get(key, 0) < saliency
+                        if wanted and gen.trace.n_steps >= 2:
+                            rel, result = _save_saliency(model, gen, p, name, sample, verdict.correct, path,
+                                                         saliency_loss)
+                            fresh_maps[(p.id, name, sample)] = result
+                            maps_made[key] = maps_made.get(key, 0) + 1
+                    item = {
+                        "problem_id": p.id, "condition": name, "sample": sample, "seed": gen.seed,
+                        "correct": bool(verdict.correct), "extracted": verdict.extracted, "gold": p.answer,
+                        "output": gen.text, "n_tokens": len(gen.output_ids), "stop_reason": gen.stop_reason,
+                        "wall_time_s": wall, "difficulty": p.difficulty, "events": counts,
+                        "n_events": sum(counts.values()), "mean_kl": mean_kl, "saliency": rel,
+                    }
+                    if store is not None:
+                        store.append(item)
+                    else:
+                        memory.append(item)
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        if store is not None:
+            store.close()
+
+    if state:
+        state.wait_for_everyone()
+    if path is not None:
+        if rank == 0 and shards(path):
+            merge_shards(path, config)
+        if state:
+            state.wait_for_everyone()
+        _, records = read_results(path)
+    else:
+        records = memory
+    return _result(records, config, list(conds), reference, path, fresh_maps)
+
+
+def _save_saliency(model, gen, problem, condition, sample, correct, path, loss) -> tuple:
+    """Step-Saliency (bounded mode) of a generated trace, saved before the item line is
+    written so a finished item always has its map. Returns (the path relative to the
+    results file's directory, or "memory" without a results file; the result)."""
+    result = step_saliency(model, gen.trace, loss=loss, mode="bounded")
+    result.meta.update(problem_id=problem.id, condition=condition, sample=sample, correct=bool(correct))
+    target = _saliency_path(path, condition, problem.id, sample)
+    if target is None:
+        return "memory", result
+    result.save(target)
+    return str(target.relative_to(path.parent)), result
+
+
+def _result(records: List[dict], config: dict, conditions: List[str], reference: str,
+            path: Optional[Path], fresh_maps: Optional[dict] = None) -> StudyResult:
+    order = {c: i for i, c in enumerate(conditions)}
+    frame = pd.DataFrame([{k: r.get(k) for k in ITEM_COLUMNS} for r in records], columns=ITEM_COLUMNS)
+    if not frame.empty:
+        frame["_c"] = frame["condition"].map(order)
+        frame = frame.sort_values(["_c", "problem_id", "sample"], kind="stable").drop(columns="_c")
+        frame = frame.reset_index(drop=True)
+        frame["correct"] = frame["correct"].astype(bool)
+    maps = {}
+    for r in records:
+        rel = r.get("saliency")
+        key = (r["problem_id"], r["condition"], int(r["sample"]))
+        if not rel:
+            continue
+        if fresh_maps and key in fresh_maps:
+            maps[key] = fresh_maps[key]
+        elif path is not None and rel != "memory":
+            maps[key] = StepSaliency.load(path.parent / rel)
+    return StudyResult(items=frame, config=config, conditions=conditions, reference=reference,
+                       saliency=maps, results_path=path)
+
+
+def load_study(results_path, *, reference: str = "baseline") -> StudyResult:
+    """A `StudyResult` from a results file (finished or not), without a model."""
+    path = Path(results_path)
+    if not path.is_file():
+        raise StepflowError(f"results file {str(path)!r} does not exist")
+    header, records = read_results(path, tolerate_partial=True)
+    if header is None:
+        raise StepflowError(f"{path} has no config header")
+    # The header's conditions are in key order; the reference goes first.
+    names = sorted(header["conditions"], key=lambda c: c != reference)
+    return _result(records, header, names, reference, path)
+
+
+def ablate(model, problems: Sequence[Problem], **kwargs) -> StudyResult:
+    """`evaluate` on the full grid `ABLATION`: baseline, StepFlow, OEB only, SMI only,
+    the matched controls and the placement swaps."""
+    kwargs.setdefault("conditions", ABLATION)
+    return evaluate(model, problems, **kwargs)

@@ -1,0 +1,146 @@
+"""Every way this plugin attaches code to a TransformerLens model, in one place.
+
+- `PermanentHooks`: forward hooks on existing hook points, installed as *permanent*
+  so a user's ``reset_hooks()`` / ``run_with_hooks`` cannot strip them mid-analysis
+  (Step-Saliency, step hook points);
+- `temporary_hooks`: TL's own ``model.hooks(...)``, for hooks that live exactly as long
+  as a ``with`` block (the interventions during generation);
+- `shadow_forward`: replace one module's ``forward`` for the duration (activation
+  checkpointing of blocks, the block-wise loss inside the unembedding);
+- `add_hook_point` / `remove_hook_point`: new named ``HookPoint`` modules that
+  ``run_with_hooks`` and ``run_with_cache`` accept (the step hook points).
+
+All are context managers or paired calls that undo exactly what they did, on every exit
+path. The backend differences they need (TL 3.9's ``add_hook`` returning None, the
+bridge's explicit ``_hook_registry``, HookedTransformer's ``setup()``) stay here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from torch.utils.checkpoint import checkpoint
+from transformer_lens.hook_points import HookPoint
+
+from ..errors import UnsupportedModelError
+from .adapter import adapter
+
+
+def layer_of(hook: HookPoint) -> int:
+    """The layer index of a ``blocks.{layer}.*`` hook point (TL's ``HookPoint.layer``)."""
+    return hook.layer()
+
+
+def add_permanent_hook(hook_point, fn, dir: str = "fwd"):
+    """Add ``fn`` to a HookPoint as a permanent hook and return its handle.
+
+    Permanent, so a user's ``reset_hooks()`` or ``run_with_hooks`` cannot strip the
+    plugin's internal hooks mid-analysis. TL 3.9's ``add_hook`` returns None, so the
+    handle is read back from the hook point's list (appended last).
+    """
+    hook_point.add_hook(fn, dir=dir, is_permanent=True)
+    return (hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks)[-1]
+
+
+def remove_hook(hook_point, handle, dir: str = "fwd") -> None:
+    """Remove one hook added by `add_permanent_hook`, leaving all others alone."""
+    handle.hook.remove()
+    handles = hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks
+    if handle in handles:
+        handles.remove(handle)
+
+
+class PermanentHooks:
+    """Context manager: install ``[(hook_name, fn), ...]`` as permanent forward hooks,
+    and remove exactly those on exit, whatever the exit path."""
+
+    def __init__(self, model, fwd_hooks):
+        self.model = model
+        self.fwd_hooks = list(fwd_hooks)
+        self._installed: list = []
+
+    def __enter__(self):
+        hook_dict = self.model.hook_dict
+        try:
+            for name, fn in self.fwd_hooks:
+                if name not in hook_dict:
+                    raise UnsupportedModelError(f"this model has no hook point {name!r}")
+                point = hook_dict[name]
+                self._installed.append((point, add_permanent_hook(point, fn)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        while self._installed:
+            point, handle = self._installed.pop()
+            remove_hook(point, handle)
+        return False
+
+
+def temporary_hooks(model, fwd_hooks) -> contextlib.AbstractContextManager:
+    """``with temporary_hooks(model, [(name, fn), ...]):`` TL's ``model.hooks``, which
+    removes exactly the hooks it added on exit."""
+    return model.hooks(fwd_hooks=list(fwd_hooks))
+
+
+@contextlib.contextmanager
+def shadow_forward(module, forward: Callable) -> Iterator[None]:
+    """Make ``module(...)`` call ``forward`` for the duration of the block.
+
+    The replacement goes into the instance ``__dict__`` and is deleted on exit, so the
+    module is unchanged afterwards. (Plain ``setattr`` is not used: bridge components
+    forward attribute writes to the wrapped HF module.)
+    """
+    vars(module)["forward"] = forward
+    try:
+        yield
+    finally:
+        vars(module).pop("forward", None)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model, first: int) -> Iterator[None]:
+    """Run blocks ``first..`` under non-reentrant activation checkpointing, by shadowing
+    each block's ``forward`` (`shadow_forward`) for the duration."""
+    with contextlib.ExitStack() as stack:
+        for block in list(model.blocks)[first:]:
+            original = block.forward
+
+            def forward(*args, _original=original, **kwargs):
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+            stack.enter_context(shadow_forward(block, forward))
+        yield
+
+
+def add_hook_point(model, parent, attr: str, name: str) -> HookPoint:
+    """A new ``HookPoint`` at ``parent.attr`` that the model knows as ``name``.
+
+    Call `refresh_hook_dict` once after adding (or removing) a batch of them.
+    """
+    point = HookPoint()
+    setattr(parent, attr, point)
+    point.name = name
+    registry = getattr(model, "_hook_registry", None)
+    if registry is not None:  # TransformerBridge keeps an explicit name -> HookPoint map
+        registry[name] = point
+    return point
+
+
+def remove_hook_point(model, parent, attr: str, name: str, point: HookPoint) -> None:
+    """Undo `add_hook_point` (and drop every hook on the point)."""
+    point.remove_hooks("both", including_permanent=True)
+    if getattr(parent, attr, None) is point:
+        delattr(parent, attr)
+    registry = getattr(model, "_hook_registry", None)
+    if registry is not None and registry.get(name) is point:
+        del registry[name]
+
+
+def refresh_hook_dict(model) -> None:
+    """Make ``model.hook_dict`` list the hook points that exist now."""
+    if adapter(model).kind == "hooked":  # HookedTransformer rebuilds hook_dict from modules
+        model.setup()

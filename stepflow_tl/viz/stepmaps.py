@@ -1,0 +1,276 @@
+"""Step maps ready to draw: validated arrays and labels (`StepMapData`), the circuitsvis
+props that give every layer one colour scale, and `step_maps_view`, the notebook view.
+
+Everything that draws step maps -- the notebook view, the report, the static figures --
+starts from `step_map_data`, which accepts a ``StepSaliency``-like result (``.maps``
+[layer, step_q, step_k], ``.layers``, ``.step_kinds``, ``.step_labels``, ``.map_kind``,
+``.pool``, ``.loss``, ``.meta``) or plain arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from circuitsvis.utils.render import RenderedHTML
+
+from ..errors import StepflowError
+from ..traces.formats import STEP_KINDS
+
+_KIND_PREFIX = {kind: kind[0].upper() for kind in STEP_KINDS}
+_LABEL_CHARS = 28
+_VALUE_DECIMALS = 4
+
+MAP_KIND_TEXT = {
+    "saliency": "Step-Saliency: I_l[t, k] = (1/H) sum_h |A_lh[t, k] * dL/dA_lh[t, k]|, "
+    "pooled over the tokens of step i (rows, queries) and step j (columns, keys)",
+    "attention": "attention probabilities A_l[t, k] averaged over heads, "
+    "pooled over the tokens of step i (rows, queries) and step j (columns, keys)",
+}
+POOL_TEXT = {
+    "mean": "mean over the whole token block, causally masked zeros included (the paper's choice)",
+    "causal_mean": "mean over token pairs with key position <= query position only",
+}
+
+
+# ----------------------------------------------------------------------------- step map data
+
+
+@dataclass(frozen=True)
+class StepMapData:
+    """Validated step maps ready to draw.
+
+    maps: float64 ndarray [layer, step_q, step_k]; layers: model layer index of each row;
+    labels: one unique display label per step; kinds: step kind per step (or None);
+    map_kind / pool / loss: provenance strings ("" when unknown); meta: JSON-safe dict.
+    """
+
+    maps: np.ndarray
+    layers: list[int]
+    labels: list[str]
+    kinds: list[str] | None
+    map_kind: str
+    pool: str
+    loss: str
+    meta: dict
+
+    @property
+    def n_steps(self) -> int:
+        return self.maps.shape[1]
+
+    @property
+    def global_max(self) -> float:
+        """Largest absolute value over all layers: the one colour-scale maximum."""
+        return float(np.abs(self.maps).max()) if self.maps.size else 0.0
+
+
+def _to_numpy(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise StepflowError(f"{what} must be a numeric array or tensor, got {type(x).__name__}") from exc
+    return arr
+
+
+def step_axis_labels(
+    labels: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    n_steps: int | None = None,
+    max_chars: int = _LABEL_CHARS,
+) -> list[str]:
+    """Short, unique axis labels for steps.
+
+    Uses ``labels`` when given (e.g. a Trace's "T3: First, compute the"), else "Q0"/"T1"/"S7"
+    from ``kinds``, else "step 0", ... Long labels are cut to ``max_chars``. Duplicates get a
+    "#index" suffix because circuitsvis keys its axis categories by label text.
+    """
+    if labels is None and kinds is None and n_steps is None:
+        raise StepflowError("step_axis_labels needs labels, kinds or n_steps")
+    n = len(labels) if labels is not None else len(kinds) if kinds is not None else int(n_steps)
+    if kinds is not None and len(kinds) != n:
+        raise StepflowError(f"expected {n} step kinds (one per step), got {len(kinds)}")
+    out = []
+    for i in range(n):
+        if labels is not None:
+            text = " ".join(str(labels[i]).split())
+        elif kinds is not None:
+            text = f"{_KIND_PREFIX.get(kinds[i], '?')}{i}"
+        else:
+            text = f"step {i}"
+        if len(text) > max_chars:
+            text = text[: max_chars - 1].rstrip() + "\u2026"
+        out.append(text)
+    seen: dict[str, int] = {}
+    for t in out:
+        seen[t] = seen.get(t, 0) + 1
+    return [f"{t} #{i}" if seen[t] > 1 else t for i, t in enumerate(out)]
+
+
+def step_map_data(
+    result_or_maps: Any,
+    labels: Sequence[str] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    kinds: Sequence[str] | None = None,
+    map_kind: str = "",
+    pool: str = "",
+    loss: str = "",
+    meta: Mapping | None = None,
+) -> StepMapData:
+    """Validate step maps from a StepSaliency-like result or from a plain array.
+
+    result_or_maps: an object with ``.maps`` [layer, step_q, step_k] (and optionally
+    ``.layers``, ``.step_kinds``, ``.step_labels``, ``.map_kind``, ``.pool``, ``.loss``,
+    ``.meta``), or an array/tensor [layer, step_q, step_k] or [step_q, step_k]. Explicit
+    keyword arguments override the result's attributes.
+    """
+    if isinstance(result_or_maps, StepMapData) and labels is None and layers is None and kinds is None:
+        return result_or_maps
+    if hasattr(result_or_maps, "maps"):
+        r = result_or_maps
+        raw = r.maps
+        labels = labels if labels is not None else getattr(r, "step_labels", getattr(r, "labels", None))
+        kinds = kinds if kinds is not None else getattr(r, "step_kinds", getattr(r, "kinds", None))
+        layers = layers if layers is not None else getattr(r, "layers", None)
+        map_kind = map_kind or str(getattr(r, "map_kind", "") or "")
+        pool = pool or str(getattr(r, "pool", "") or "")
+        loss = loss or str(getattr(r, "loss", "") or "")
+        meta = meta if meta is not None else (getattr(r, "meta", None) or {})
+    else:
+        raw = result_or_maps
+    maps = _to_numpy(raw, "step maps")
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
+        raise StepflowError(
+            f"step maps must have shape [layer, step_q, step_k] with step_q == step_k, got {tuple(maps.shape)}"
+        )
+    if maps.shape[0] == 0 or maps.shape[1] == 0:
+        raise StepflowError(f"step maps are empty: shape {tuple(maps.shape)}")
+    if not np.isfinite(maps).all():
+        raise StepflowError("step maps contain NaN or infinite values; refusing to draw wrong colours")
+    n_layers, n_steps = maps.shape[0], maps.shape[1]
+    if labels is not None and len(labels) != n_steps:
+        raise StepflowError(f"expected {n_steps} step labels (one per map row), got {len(labels)}")
+    if kinds is not None and len(kinds) != n_steps:
+        raise StepflowError(f"expected {n_steps} step kinds (one per map row), got {len(kinds)}")
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    if len(layers) != n_layers:
+        raise StepflowError(f"expected {n_layers} layer indices (one per map), got {len(layers)}")
+    if map_kind and map_kind not in MAP_KIND_TEXT:
+        raise StepflowError(f"map_kind must be one of {sorted(MAP_KIND_TEXT)}, got {map_kind!r}")
+    return StepMapData(
+        maps=maps,
+        layers=layers,
+        labels=step_axis_labels(labels, kinds, n_steps),
+        kinds=list(kinds) if kinds is not None else None,
+        map_kind=map_kind,
+        pool=pool,
+        loss=loss,
+        meta=dict(meta or {}),
+    )
+
+
+# ----------------------------------------------------------------------------- circuitsvis
+
+
+def circuitsvis_bundle() -> str:
+    """The circuitsvis browser bundle (IIFE defining ``window.CircuitsVis``) from the installed wheel,
+    made safe to inline in a ``<script>`` element."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not path.is_file():
+        raise StepflowError(
+            f"the installed circuitsvis ({circuitsvis.__version__}) has no browser bundle at {path}; "
+            "reinstall circuitsvis>=1.43 from a wheel"
+        )
+    js = path.read_text(encoding="utf-8")
+    # The source-map comment would make devtools request iife.js.map next to the report.
+    js = re.sub(r"//# sourceMappingURL=\S*\s*$", "", js)
+    # "</script" inside a JS string would end the element early; "<\/" is the same string in JS.
+    return re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
+
+
+def _json_for_script(obj: Any) -> str:
+    # JSON inside <script> must not contain "</script>" or "<!--": escape the characters that
+    # start them (still valid JSON/JS, decoded back to the same strings by the browser).
+    text = json.dumps(obj, allow_nan=False, ensure_ascii=False)
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def _circuitsvis_props(data: StepMapData, row_normalise: bool) -> tuple[dict, float]:
+    """Props for circuitsvis ``AttentionHeads`` with layers as "heads"; returns (props, scale).
+
+    AttentionHeads colours a cell by value / maxValue with one maxValue for every small view and
+    for the zoomed one, so dividing all layers by the single global max (and passing maxValue 1)
+    gives every layer the same colour scale. Values are rounded to 4 decimals of that fraction
+    to keep the page small.
+    """
+    maps = data.maps
+    if row_normalise:
+        sums = np.abs(maps).sum(axis=-1, keepdims=True)
+        maps = np.divide(maps, sums, out=np.zeros_like(maps), where=sums > 0)
+    scale = float(np.abs(maps).max())
+    scaled = maps / scale if scale > 0 else maps
+    # Whitespace in labels is stripped by circuitsvis' axis code; a middle dot keeps words apart.
+    tokens = [re.sub(r"\s+", "\u00b7", t) for t in data.labels]
+    props = {
+        "attention": np.round(scaled, _VALUE_DECIMALS).tolist(),
+        "tokens": tokens,
+        "attentionHeadNames": [f"L{layer}" for layer in data.layers],
+        "maxValue": 1.0,
+        "minValue": -1.0,
+        "maskUpperTri": True,
+    }
+    return props, scale
+
+
+class StepMapsView(RenderedHTML):
+    """A circuitsvis ``RenderedHTML`` that always shows its self-contained page.
+
+    circuitsvis' own objects probe the network (``internet_on``) each time a notebook
+    displays them and then load their JavaScript from a CDN; this one inlines the
+    installed circuitsvis bundle, so it renders the same with or without a network."""
+
+    def _repr_html_(self) -> str:
+        return self.local_src
+
+
+def step_maps_view(
+    result_or_arrays: Any,
+    labels: Sequence[str] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    kinds: Sequence[str] | None = None,
+    row_normalise: bool = False,
+) -> StepMapsView:
+    """All layers of one trace in one circuitsvis ``AttentionHeads`` view, one colour scale
+    (the global max over layers), for a notebook cell.
+
+    Returns a `StepMapsView` (a circuitsvis ``RenderedHTML``): displayed in Jupyter it
+    renders offline; ``.local_src`` is its HTML.
+    """
+    data = step_map_data(result_or_arrays, labels, layers=layers, kinds=kinds)
+    props, _ = _circuitsvis_props(data, row_normalise)
+    view_id = "stepflow-cv-" + uuid.uuid4().hex[:12]
+    page = (
+        f'<div id="{view_id}" style="margin: 15px 0;"></div>\n'
+        f"<script>{circuitsvis_bundle()}\n"
+        f"CircuitsVis.render({json.dumps(view_id)}, CircuitsVis.AttentionHeads, {_json_for_script(props)});</script>"
+    )
+    return StepMapsView(page, page)
