@@ -22,12 +22,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from jaxtyping import Float, Int
 
 Pool = Literal["mean", "causal_mean", "mass"]
 POOLS = ("mean", "causal_mean", "mass")
 
 
-def step_onehot(token_steps: torch.Tensor, n_steps: int, dtype=torch.float64) -> torch.Tensor:
+def step_onehot(token_steps: Int[torch.Tensor, "pos"], n_steps: int, dtype=torch.float64) -> Float[torch.Tensor, "pos step"]:
     """``[pos, step]`` indicator matrix; rows of markup tokens (step -1) are zero."""
     token_steps = token_steps.long()
     onehot = torch.zeros(token_steps.shape[0], n_steps, dtype=dtype, device=token_steps.device)
@@ -37,8 +38,11 @@ def step_onehot(token_steps: torch.Tensor, n_steps: int, dtype=torch.float64) ->
 
 
 def block_sums(
-    x: torch.Tensor, q_onehot: torch.Tensor, k_onehot: torch.Tensor, max_elements: int = 1 << 24
-) -> torch.Tensor:
+    x: Float[torch.Tensor, "*lead q k"],
+    q_onehot: Float[torch.Tensor, "q step_q"],
+    k_onehot: Float[torch.Tensor, "k step_k"],
+    max_elements: int = 1 << 24,
+) -> Float[torch.Tensor, "*lead step_q step_k"]:
     """Sum of ``x`` over each (query step, key step) block, accumulated in float64.
 
     Args:
@@ -66,7 +70,7 @@ def block_sums(
     return out.reshape(*lead, q_onehot.shape[1], k_onehot.shape[1])
 
 
-def pair_counts(token_steps: torch.Tensor, n_steps: int, pool: Pool) -> torch.Tensor:
+def pair_counts(token_steps: Int[torch.Tensor, "pos"], n_steps: int, pool: Pool) -> Float[torch.Tensor, "step_q step_k"]:
     """``[step, step]`` float64 divisor of each block for ``pool``."""
     onehot = step_onehot(token_steps, n_steps)
     sizes = onehot.sum(0)
@@ -87,11 +91,11 @@ def normalise_blocks(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def pool_to_steps(
-    x: torch.Tensor,
-    token_steps: torch.Tensor,
+    x: Float[torch.Tensor, "*lead pos pos"],
+    token_steps: Int[torch.Tensor, "pos"],
     n_steps: int | None = None,
     pool: Pool = "mean",
-) -> torch.Tensor:
+) -> Float[torch.Tensor, "*lead step_q step_k"]:
     """Pool a token-level tensor to steps.
 
     Args:

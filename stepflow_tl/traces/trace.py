@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from jaxtyping import Int
 
 from ..errors import TraceError
 from ..tl.adapter import tokenizer_of
@@ -85,14 +86,14 @@ class Trace:
     """
 
     text: str
-    token_ids: torch.Tensor
-    token_steps: torch.Tensor
+    token_ids: Int[torch.Tensor, "pos"]
+    token_steps: Int[torch.Tensor, "pos"]
     steps: List[Step]
     format: str
     complete: bool
     tokenizer_fingerprint: str
     meta: Dict[str, Any] = field(default_factory=dict)
-    token_offsets: Optional[torch.Tensor] = None  # [pos, 2] character span of each token in text
+    token_offsets: Optional[Int[torch.Tensor, "pos 2"]] = None  # character span of each token in text
 
     # ---- views
     @property
