@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from ..errors import StepflowError
-from ..tl.models import DTYPES, load_model
+from ..tl.models import BACKENDS, DTYPES, load_model
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="hub name or local directory (default: the embedded SmolLM2-135M-Instruct; "
         "'tiny' is a random 2-layer model for smoke tests)",
     )
-    parser.add_argument("--backend", choices=("bridge", "hooked"), default="bridge")
+    parser.add_argument("--backend", choices=BACKENDS, default="bridge")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
 

@@ -32,6 +32,7 @@ _EMBEDDED_ALIASES = {None, "smollm2", EMBEDDED_NAME, EMBEDDED_HF_NAME, "embedded
 TINY_NAME = "tiny"
 
 Backend = Literal["bridge", "hooked"]
+BACKENDS = ("bridge", "hooked")
 
 
 def embedded_gguf_path() -> Path:
@@ -275,7 +276,7 @@ def load_model(
         ModelLoadError: for a missing path, a model that cannot be found offline, or a
             backend that this TransformerLens version does not have.
     """
-    if backend not in ("bridge", "hooked"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be 'bridge' or 'hooked', got {backend!r}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
