@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import torch
+from jaxtyping import Bool, Int
 
 from ..traces.formats import STEP_KINDS
 
@@ -55,13 +56,13 @@ class StepState:
             the decoding steps where it cannot inject (most of them).
     """
 
-    segment_code: torch.Tensor
-    step_id: torch.Tensor
-    current_segment: torch.Tensor
-    new_step: torch.Tensor
-    prefill: torch.Tensor
-    pad: torch.Tensor
-    row_seed: torch.Tensor
+    segment_code: Int[torch.Tensor, "batch pos"]
+    step_id: Int[torch.Tensor, "batch pos"]
+    current_segment: Int[torch.Tensor, "batch pos"]
+    new_step: Bool[torch.Tensor, "batch pos"]
+    prefill: Bool[torch.Tensor, "batch pos"]
+    pad: Int[torch.Tensor, "batch"]
+    row_seed: Int[torch.Tensor, "batch"]
     phase: str = "full"
     last_starts_step: Optional[bool] = None
 
