@@ -29,7 +29,15 @@ from .interventions import (
     StepState,
     generate,
 )
-from .saliency import Diagnostics, StepSaliency, compare, diagnose, step_attention, step_saliency, step_saliency_from_cache
+from .saliency import (
+    Diagnostics,
+    StepSaliency,
+    compare,
+    diagnose,
+    step_attention,
+    step_saliency,
+    step_saliency_from_cache,
+)
 from .study import Problem, StudyResult, ablate, builtin_suite, evaluate, load_problems, load_study
 from .tl import DTYPES, load_model, model_info
 from .traces import Step, StepEvent, StepTracker, Trace, TraceWarning, attach_trace, load_traces, pool_to_steps

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stepflow_tl.saliency.diagnostics import BANDS, Diagnostics, METRICS, band_layers, compare, diagnose
 from stepflow_tl.errors import StepflowError
+from stepflow_tl.saliency.diagnostics import BANDS, METRICS, Diagnostics, band_layers, compare, diagnose
 
 
 @dataclass

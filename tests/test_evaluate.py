@@ -17,15 +17,16 @@ import pytest
 import torch
 
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.interventions.generate import seed_for_rows as _call_seed
-from stepflow_tl.study.conditions import ABLATION, CONDITIONS, resolve_conditions
-from stepflow_tl.study.results import ITEM_COLUMNS as ITEM_KEYS, ResultsFile, read_results
-from stepflow_tl.study.run import _runs, evaluate, item_seed, load_study
-from stepflow_tl.interventions.generate import row_seed
 from stepflow_tl.interventions.bridge import OddsEqualBridge, RandomBridge
-from stepflow_tl.study.problems import Problem
+from stepflow_tl.interventions.generate import row_seed
+from stepflow_tl.interventions.generate import seed_for_rows as _call_seed
 from stepflow_tl.saliency.maps import StepSaliency
+from stepflow_tl.study.conditions import ABLATION, CONDITIONS, resolve_conditions
+from stepflow_tl.study.problems import Problem
 from stepflow_tl.study.result import StudyResult
+from stepflow_tl.study.results import ITEM_COLUMNS as ITEM_KEYS
+from stepflow_tl.study.results import ResultsFile, read_results
+from stepflow_tl.study.run import _runs, evaluate, item_seed, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stepflow_tl.errors import StepflowError
-from stepflow_tl.interventions.generate import generate, row_seed
 from stepflow_tl.interventions.bridge import MatchedLogitNoise, OddsEqualBridge, RandomBridge
+from stepflow_tl.interventions.generate import generate, row_seed
 from stepflow_tl.interventions.momentum import RandomMomentum, StepMomentum
 from stepflow_tl.interventions.stepflow import StepFlow
 

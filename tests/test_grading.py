@@ -6,12 +6,12 @@ import json
 import threading
 
 import pytest
+from conftest import R1_TRACES
 
 from stepflow_tl.errors import StepflowError
 from stepflow_tl.study.grading import answer_regions, boxed_contents, extract_answer, grade
 from stepflow_tl.study.problems import Problem, load_problems
 
-from conftest import R1_TRACES
 needs_traces = pytest.mark.skipif(not R1_TRACES.is_file(), reason="needs shared/data/r1_traces.jsonl beside the repository")
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import pool_loop
+
 from stepflow_tl import StepflowError
 from stepflow_tl.traces.hookpoints import attach_trace, step_pattern_name, step_resid_name
 from stepflow_tl.traces.trace import Trace

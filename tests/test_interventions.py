@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from stepflow_tl.tl.adapter import adapter, attn_hook, block_hook
 from stepflow_tl.errors import StepflowError
 from stepflow_tl.interventions.base import InterventionRun, apply_interventions, resolve_layers
 from stepflow_tl.interventions.bridge import (
@@ -22,6 +21,7 @@ from stepflow_tl.interventions.bridge import (
 from stepflow_tl.interventions.momentum import RandomMomentum, StepMomentum
 from stepflow_tl.interventions.state import RowSteps, StepState, extend_row
 from stepflow_tl.interventions.stepflow import StepFlow
+from stepflow_tl.tl.adapter import adapter, attn_hook, block_hook
 from stepflow_tl.traces.trace import Trace
 
 # ----------------------------------------------------------------------------- helpers

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import HAS_HOOKED, needs_hooked
 
 from stepflow_tl import ModelLoadError, UnsupportedModelError, load_model
 from stepflow_tl.tl.adapter import adapter
 from stepflow_tl.tl.models import load_embedded_hf, make_tiny_hf
-
-from conftest import HAS_HOOKED, needs_hooked
 
 TEXT = "Question: what is 12 + 30?\n\nFirst, 12 + 30 = 42.\n\nAnswer: 42"
 

@@ -8,12 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import R1_TRACES
 
 from stepflow_tl.errors import StepflowError
 from stepflow_tl.study.grading import grade
 from stepflow_tl.study.problems import Problem, SuiteConfig, builtin_suite, load_problems, prompt_for
-
-from conftest import R1_TRACES
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -22,15 +22,14 @@ from scipy import stats
 from stepflow_tl.errors import StepflowError
 from stepflow_tl.saliency.maps import StepSaliency
 from stepflow_tl.viz.plots import (
+    _mean_band,
     plot_accuracy_by_difficulty,
     plot_group_bands,
     plot_metric_curves,
     plot_step_map,
 )
 from stepflow_tl.viz.report import METRIC_LEGEND, Report, save_result_html
-from stepflow_tl.viz.stepmaps import circuitsvis_bundle, step_axis_labels, step_map_data
-from stepflow_tl.viz.plots import _mean_band
-from stepflow_tl.viz.stepmaps import _circuitsvis_props
+from stepflow_tl.viz.stepmaps import _circuitsvis_props, circuitsvis_bundle, step_axis_labels, step_map_data
 
 XSS = "<script>alert(1)</script>"
 XSS_IMG = "<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">"

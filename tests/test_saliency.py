@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import hf_attention_and_grads, pool_loop, reference_saliency
+
 from stepflow_tl import StepflowError, TraceError
-from stepflow_tl.tl.models import load_embedded_hf, make_tiny_hf
 from stepflow_tl.saliency.compute import step_attention, step_saliency, step_saliency_from_cache
 from stepflow_tl.saliency.losses import answer_token_positions
 from stepflow_tl.saliency.maps import StepSaliency
+from stepflow_tl.tl.models import load_embedded_hf, make_tiny_hf
 from stepflow_tl.traces.trace import Trace
 
 THINKING = (

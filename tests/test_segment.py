@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import R1_TRACES as TRACES
 
 from stepflow_tl.errors import TraceError
 from stepflow_tl.tl.models import load_embedded_tokenizer
 from stepflow_tl.traces.formats import decode, detect_format, find_question, render_prompt, step_starts
 from stepflow_tl.traces.trace import Trace, TraceWarning, load_traces
 
-from conftest import R1_TRACES as TRACES
 Q = "What is 2+2?"
 
 

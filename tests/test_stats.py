@@ -8,7 +8,6 @@ from scipy import stats as sps
 from stepflow_tl.errors import StepflowError
 from stepflow_tl.stats import compare_groups, holm, mcnemar_exact, paired_bootstrap_ci, wilson_interval
 
-
 # ----------------------------------------------------------------- bootstrap
 
 

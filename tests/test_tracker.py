@@ -6,13 +6,13 @@ import json
 import warnings
 
 import pytest
+from conftest import R1_TRACES as TRACES
 
 from stepflow_tl.errors import TraceError
 from stepflow_tl.traces.formats import decode, render_prompt
 from stepflow_tl.traces.trace import Trace, TraceWarning
 from stepflow_tl.traces.tracker import StepEvent, StepTracker, prompt_positions
 
-from conftest import R1_TRACES as TRACES
 Q = "What is 2+2?"
 
 

@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..errors import StepflowError
-from ..study import ABLATION, CONDITIONS, DEFAULT_CONDITIONS, Problem, StudyResult, builtin_suite, evaluate, load_problems
+from ..study import (
+    ABLATION,
+    CONDITIONS,
+    DEFAULT_CONDITIONS,
+    Problem,
+    StudyResult,
+    builtin_suite,
+    evaluate,
+    load_problems,
+)
 from ..study.demo import honesty_note, run_demo
 from ..traces.formats import FORMAT_CHOICES
 from .common import add_model_args, load_from_args

@@ -17,7 +17,6 @@ from ..tl.adapter import adapter
 from ..tl.hooks import temporary_hooks
 from .state import StepState
 
-
 LayerSpec = Union[str, int, Sequence[int], range]
 
 

@@ -22,6 +22,7 @@ from .base import (
 )
 from .state import BRIDGE_OF, StepState
 
+
 # --------------------------------------------------------------------------- OEB core
 @dataclass
 class OddsEqualEdit:

@@ -12,6 +12,7 @@ from ..tl.adapter import adapter, attn_hook
 from .base import Intervention, InterventionRun, LayerSpec, PerStateCache, hash_normal, resolve_layers
 from .state import THINKING, StepState
 
+
 # --------------------------------------------------------------------------- momentum
 class StepMomentum(Intervention):
     """Step Momentum Injection: ``z[t, h] += alpha * m_h`` at the first token t of a new

@@ -39,7 +39,6 @@ from ..errors import StepflowError
 from ..traces.formats import THINK_CLOSE, boxed_spans
 from .problems import KINDS, Problem
 
-
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)")
 _MARKER = re.compile(r"\banswer\s*\**\s*(?:is\b|:|=)[\s*:]*", re.IGNORECASE)
 _GSM8K = re.compile(r"####\s*")

@@ -21,9 +21,8 @@ import pandas as pd
 
 from ..errors import StepflowError
 from ..saliency.diagnostics import compare
-from ..viz import Report, plot_accuracy_by_difficulty
 from ..stats import holm, mcnemar_exact, paired_bootstrap_ci, wilson_interval
-
+from ..viz import Report, plot_accuracy_by_difficulty
 
 ItemKey = Tuple[str, str, int]
 

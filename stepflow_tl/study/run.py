@@ -26,11 +26,11 @@ import pandas as pd
 from ..errors import StepflowError
 from ..interventions.generate import generate, row_seed, seed_for_rows
 from ..saliency.compute import step_saliency
+from ..saliency.maps import StepSaliency
 from ..tl.adapter import adapter
 from .conditions import ABLATION, DEFAULT_CONDITIONS, describe, resolve_conditions
 from .grading import grade
 from .problems import Problem, prompt_for
-from ..saliency.maps import StepSaliency
 from .result import StudyResult
 from .results import (
     ITEM_COLUMNS,

@@ -30,9 +30,9 @@ from typing import Iterable, Optional
 import torch
 from transformer_lens.hook_points import HookPoint
 
+from ..errors import StepflowError
 from ..tl.adapter import adapter, attn_hook, block_hook
 from ..tl.hooks import PermanentHooks, add_hook_point, refresh_hook_dict, remove_hook_point
-from ..errors import StepflowError
 from .pooling import block_sums, normalise_blocks, pair_counts, step_onehot
 
 STEP_PATTERN = "hook_step_pattern"

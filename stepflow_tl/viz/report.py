@@ -28,7 +28,15 @@ from matplotlib.figure import Figure
 
 from ..errors import StepflowError
 from .plots import _as_frame, plot_metric_curves, plot_step_map
-from .stepmaps import MAP_KIND_TEXT, POOL_TEXT, _circuitsvis_props, _json_for_script, _to_numpy, circuitsvis_bundle, step_map_data
+from .stepmaps import (
+    MAP_KIND_TEXT,
+    POOL_TEXT,
+    _circuitsvis_props,
+    _json_for_script,
+    _to_numpy,
+    circuitsvis_bundle,
+    step_map_data,
+)
 
 # Names and formulas of the diagnostics (docs/method.md, diagnostics); every report that shows
 # diagnostics repeats them, so a reader never has to guess what a curve means.
