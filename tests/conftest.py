@@ -38,9 +38,60 @@ needs_hooked = pytest.mark.skipif(
 )
 
 
+def non_canonical_output(tok):
+    """Ids of "Add.\\n\\n😀\\ufffdIt is 4.\\n</think>\\n\\n4" as SmolLM2 would never tokenise
+    it: the emoji as four byte tokens, a stray byte that never forms a character (decoded
+    as U+FFFD), and "It" spelt letter by letter."""
+    # GPT-2's byte-level alphabet: the vocabulary writes byte b as the character alphabet[b]
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    alphabet = {b: chr(b) for b in printable}
+    alphabet.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in alphabet)})
+    byte = lambda b: tok.convert_tokens_to_ids(alphabet[b])
+    return (tok.encode("Add.\n\n", add_special_tokens=False) + [byte(b) for b in "😀".encode()]
+            + [byte(0xF0)] + [tok.convert_tokens_to_ids(c) for c in "It"]
+            + tok.encode(" is 4.\n</think>\n\n4", add_special_tokens=False))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_embedded_tokenizer()
+
+
+# The pre-tokenizer split of Qwen2 (and so of DeepSeek-R1-Distill-Qwen and QwQ) tokenizers.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="session")
+def qwen2_style_tokenizer():
+    """A Qwen2-style byte-level BPE built offline: Qwen2's NFC normaliser, split regex and
+    byte-level pieces, R1-Distill's role tokens and think tags, merges trained on the
+    real traces (tokens such as ".\n\n" and " **" that the embedded tokenizer lacks)."""
+    import json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+                "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"]
+    records = [json.loads(line) for line in R1_TRACES.read_text().splitlines()]
+    trainer = trainers.BpeTrainer(vocab_size=6000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator([r["question"] for r in records] + [r["output"] for r in records], trainer)
+    bpe.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=specials[0], eos_token=specials[1])
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+        "{% elif m['role'] == 'user' %}<\uff5cUser\uff5c>{{ m['content'] }}"
+        "{% else %}<\uff5cAssistant\uff5c>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<\uff5cAssistant\uff5c>{% endif %}")
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,20 @@ def _records(n):
         }
 
 
+def test_python_dash_m_runs_the_cli():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "stepflow_tl", "--help"], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "{info,saliency,generate,eval,ablate,demo}" in done.stdout
+
+
 def test_info_prints_the_model(capsys):
     assert main(["info", "tiny"]) == 0
     out = capsys.readouterr().out

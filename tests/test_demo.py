@@ -24,6 +24,9 @@ def test_quick_demo_writes_report_and_prints_honest_headline(tmp_path, capsys):
     assert summary["n"].tolist() == [n] * len(QUICK.conditions)
     html = (tmp_path / "report.html").read_text()
     assert "Accuracy by difficulty" in html and "Read these numbers for what they are" in html
+    # which split cut the answers into steps, in the printout and the report
+    assert "steps: plain format, 'lines' split (format and split 'auto')" in out
+    assert "steps: plain format, split 'lines' (auto)" in html.replace("&#x27;", "'").replace("&#39;", "'")
     # A second run resumes from results.jsonl: nothing left to generate, same numbers.
     assert run_demo_cli(args) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "summary.csv").drop(columns="wall_time_s"),

@@ -127,6 +127,56 @@ def test_stop_strings_and_trace(tiny_model):
     assert d["output_ids"] == free.output_ids and d["trace"]["text"] == trace.text
 
 
+def test_generated_trace_is_the_generated_ids(tiny_model):
+    """A sampled random-model generation that re-tokenises differently: the trace keeps
+    the ids the model ran, and the online labels equal the trace's."""
+    from stepflow_tl.traces.formats import decode
+    from stepflow_tl.traces.tracker import StepTracker, prompt_positions
+
+    tok = tiny_model.tokenizer
+    g = generate(tiny_model, PROMPTS[0], max_new_tokens=40, do_sample=True, temperature=1.5, seed=0)[0]
+    ids = g.prompt_ids + g.output_ids
+    assert tok(g.trace.text, add_special_tokens=False)["input_ids"] != ids  # re-tokenising differs
+    assert g.trace.token_ids.tolist() == ids
+    assert g.trace.text == g.prompt + decode(tok, g.output_ids)
+    tracker = StepTracker(tok, format=g.trace.format, prompt_ids=g.prompt_ids,
+                          question_positions=prompt_positions(tok, g.prompt, PROMPTS[0])[1])
+    tracker.extend(g.output_ids)
+    assert tracker.token_steps == g.trace.token_steps.tolist()
+
+
+def test_chat_conversations_equal_question_strings(tiny_model):
+    system = "Answer briefly."
+    conv = [{"role": "system", "content": system}, {"role": "user", "content": PROMPTS[0]}]
+    as_string = generate(tiny_model, [PROMPTS[0], PROMPTS[2]], max_new_tokens=6, system=system)
+    as_chat = generate(tiny_model, [conv, [conv[0], {"role": "user", "content": PROMPTS[2]}]], max_new_tokens=6)
+    with_system = generate(tiny_model, [[conv[1]], [{"role": "user", "content": PROMPTS[2]}]],
+                           max_new_tokens=6, system=system)
+    single = generate(tiny_model, conv, max_new_tokens=6)  # one conversation, not a batch of messages
+    for s, c, w in zip(as_string, as_chat, with_system):
+        assert s.prompt == c.prompt == w.prompt and s.output_ids == c.output_ids == w.output_ids
+        assert s.trace.to_dict() == c.trace.to_dict()
+    assert len(single) == 1 and single[0].output_ids == as_string[0].output_ids
+    with pytest.raises(StepflowError, match="prompts must be a str or a chat conversation"):
+        generate(tiny_model, 3, max_new_tokens=2)
+    with pytest.raises(StepflowError, match=r"prompts\[1\] must be a str or a chat conversation"):
+        generate(tiny_model, ["x", None], max_new_tokens=2)
+    with pytest.raises(StepflowError, match=r"question\[0\] must be a message"):
+        generate(tiny_model, [[{"role": "user", "content": 3}]], max_new_tokens=2)
+    with pytest.raises(StepflowError, match="with chat=False a prompt must be the rendered prompt text"):
+        generate(tiny_model, [conv], chat=False, max_new_tokens=2)
+    with pytest.raises(StepflowError, match="stop must be a list of non-empty strings"):
+        generate(tiny_model, "x", stop=[3], max_new_tokens=2)
+
+
+def test_split_auto_follows_the_format(tiny_model):
+    plain = generate(tiny_model, PROMPTS[0], max_new_tokens=4, format="plain")[0]
+    r1 = generate(tiny_model, PROMPTS[0], max_new_tokens=4, format="r1")[0]
+    assert (plain.split, r1.split) == ("lines", "blank_lines")
+    assert plain.to_dict()["split"] == "lines"
+    assert generate(tiny_model, PROMPTS[0], max_new_tokens=4, split="sentences")[0].split == "sentences"
+
+
 def test_pre_rendered_prompt(tiny_model):
     text = "Question:\nWhat is 5 times 6?\n\nThinking:\n"
     r = generate(tiny_model, text, chat=False, max_new_tokens=5, format="plain")[0]

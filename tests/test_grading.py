@@ -49,6 +49,33 @@ def test_grade_agrees_with_labels_on_every_boxed_r1_trace():
 
 
 @needs_traces
+def test_grade_agrees_with_every_real_math_label():
+    """All 70 real traces with a gold answer, boxed or not, finished or cut off."""
+    problems = load_problems(R1_TRACES, missing_answer="skip")
+    assert len(problems) == 70 and {p.kind for p in problems} == {"math"}
+    disagreements = [(p.id, p.answer, r.extracted) for p in problems
+                     if (r := grade(p.meta["output"], p)).correct != p.meta["correct"]]
+    assert disagreements == []
+
+
+@needs_traces
+def test_summary_without_marker_falls_back_to_its_last_expression():
+    # Record 48 (DeepSeek-R1, gold 3\sqrt{13}): no \boxed and no "answer is" anywhere; the
+    # summary ends "\[ \sqrt{117} = \sqrt{9 \times 13} = 3\sqrt{13} \]".
+    row = json.loads(R1_TRACES.read_text().splitlines()[48])
+    problem = Problem("r48", "q", row["gold"], "math")
+    assert extract_answer(row["output"], "math", strict=True) is None
+    result = grade(row["output"], problem)
+    assert result.correct and result.extracted == "3\\sqrt{13}" and result.method == "math_verify"
+    strict = grade(row["output"], problem, strict=True)
+    assert strict.correct is False and strict.extracted is None and strict.method == "none"
+    # the fallback reads a summary after </think> only: thinking cut off has no last expression
+    thinking = row["output"].rsplit("</think>", 1)[1]
+    assert extract_answer(thinking, "math") is None
+    assert extract_answer("<think>hmm</think>\nSo $x = \\frac{1}{2} + 1 = \\frac{3}{2}$.", "math") == "\\frac{3}{2}"
+
+
+@needs_traces
 def test_real_traces_known_hard_cases():
     rows = [json.loads(line) for line in R1_TRACES.read_text().splitlines()]
     # Record 5: gold "-\frac{1} { 4027}" (odd spacing), answer \boxed{-\dfrac{1}{4027}}.

@@ -8,10 +8,11 @@ import warnings
 import pytest
 import torch
 from conftest import R1_TRACES as TRACES
+from conftest import non_canonical_output
 
 from stepflow_tl.errors import TraceError
 from stepflow_tl.tl.models import load_embedded_tokenizer
-from stepflow_tl.traces.formats import decode, detect_format, find_question, render_prompt, step_starts
+from stepflow_tl.traces.formats import decode, decode_with_offsets, detect_format, find_question, render_prompt, step_starts
 from stepflow_tl.traces.trace import Trace, TraceWarning, load_traces
 
 Q = "What is 2+2?"
@@ -128,21 +129,32 @@ def test_detect_format():
     assert detect_format("p", "no markers at all") == "r1"
 
 
-def test_awkward_merges_and_empty_step_fallback(tokenizer):
-    # SmolLM2 merges " \n\n" into one token and keeps " y" whole: the step "y" has no
-    # token starting inside it (its only token starts at the space, in the previous
-    # step's extended span), so it is merged into the preceding step.
+def test_a_token_belongs_to_the_step_of_its_first_visible_character(tokenizer):
+    # SmolLM2 tokenises "x \n\n y" as "x", " \n\n", " y": " y" starts at a space that
+    # trails step "x", but its first visible character is "y", so it is step "y"'s
+    # first token; the whitespace-only " \n\n" stays with the step before it.
     assert [decode(tokenizer, [i]) for i in tokenizer.encode("x \n\n y", add_special_tokens=False)] == [
         "x", " \n\n", " y"]
     prompt = render_prompt(tokenizer, Q) + "<think>\n"
-    with pytest.warns(TraceWarning, match="merged into the preceding step"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TraceWarning)
         tr = Trace.from_text(tokenizer, prompt, "x \n\n y</think>\n\n4")
-    assert [s.text for s in tr.steps] == [Q, "x \n\n y", "4"]
-    assert step_token_texts(tokenizer, tr)[1] == "x \n\n y"
-    # "\n\n " then " Then": the step "Then" keeps the newline tokens after it
+    assert [s.text for s in tr.steps] == [Q, "x", "y", "4"]
+    assert step_token_texts(tokenizer, tr)[1:3] == ["x \n\n", " y"]
     tr = Trace.from_text(tokenizer, prompt, "end.  \n\n  Then\n\nok</think>\n\n4")
-    assert step_token_texts(tokenizer, tr)[1:4] == ["end.  \n\n  Then", "\n\n", "ok"]
+    assert step_token_texts(tokenizer, tr)[1:4] == ["end.  \n\n ", " Then\n\n", "ok"]
     assert [s.text for s in tr.steps][1:4] == ["end.", "Then", "ok"]
+    # The real case of issue 13 (R1-Distill-Qwen-14B, an indented paragraph inside a list):
+    # " The" goes to the step it starts, not to the one whose trailing whitespace it begins in.
+    thinking = ("1. **Units place (ones place):** The 4 can appear in the units place. "
+                "How many such numbers are there?\n\n   The first occurrence is at 4.")
+    tr = Trace.from_parts(tokenizer, question=Q, thinking=thinking, summary="49")
+    assert step_token_texts(tokenizer, tr)[1].endswith("are there?\n\n  ")
+    assert step_token_texts(tokenizer, tr)[2] == " The first occurrence is at 4.\n"
+    # whitespace before a segment's first step belongs to no step
+    t1 = tr.steps[1].token_span[0]
+    assert decode(tokenizer, tr.token_ids[t1 - 1:t1].tolist()) == "\n" and tr.token_steps[t1 - 1] == -1
+    assert_consistent(tr)
 
 
 def test_one_token_steps_and_unicode(tokenizer):
@@ -179,6 +191,52 @@ def test_sentence_split_and_callable(tokenizer):
         Trace.from_parts(tokenizer, question=Q, thinking="a", summary="4", split="words")
 
 
+def test_lines_split_and_auto(tokenizer):
+    thinking = "1. Tom has 3 pens.\n2. He buys 4 more:\n   3 + 4 = 7.\n\n3. So 7."
+    tr = Trace.from_parts(tokenizer, question=Q, thinking=thinking, summary="7", split="lines")
+    assert [tr.steps[i].text for i in tr.thinking_steps] == [
+        "1. Tom has 3 pens.", "2. He buys 4 more:", "3 + 4 = 7.", "3. So 7."]
+    assert step_starts("a\n b \n\nc", "lines") == [0, 3, 7]
+    # auto: the plain format (no thinking tags) is split into lines, r1 into paragraphs
+    plain = Trace.from_parts(tokenizer, question=Q, thinking=thinking, summary="7", format="plain", split="auto")
+    assert len(plain.thinking_steps) == 4
+    r1 = Trace.from_parts(tokenizer, question=Q, thinking=thinking, summary="7", split="auto")
+    assert [r1.steps[i].text for i in r1.thinking_steps] == ["1. Tom has 3 pens.\n2. He buys 4 more:\n   3 + 4 = 7.",
+                                                             "3. So 7."]
+
+
+def test_chat_conversations_and_wrong_types(tokenizer):
+    system = "You are a careful tutor."
+    conv = [{"role": "system", "content": system}, {"role": "user", "content": Q}]
+    a = Trace.from_parts(tokenizer, question=conv, thinking="Add.\n\nIt is 4.", summary="4")
+    b = Trace.from_parts(tokenizer, question=Q, thinking="Add.\n\nIt is 4.", summary="4", system=system)
+    assert a.to_dict() == b.to_dict() and system in a.text and a.steps[0].text == Q
+    c = Trace.from_parts(tokenizer, question=[{"role": "user", "content": Q}], thinking="Add.", summary="4")
+    assert c.to_dict() == Trace.from_parts(tokenizer, question=Q, thinking="Add.", summary="4").to_dict()
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": Q}]
+    multi = Trace.from_parts(tokenizer, question=turns, thinking="Add.", summary="4")
+    assert multi.steps[0].text == Q and "Hello." in multi.text
+    rec = Trace.from_record(tokenizer, {"question": conv, "output": "Add.\n</think>\n\n4"})
+    assert rec.steps[0].text == Q and system in rec.text
+    for bad, match in [
+        (dict(question=3), "question must be a str or a chat conversation"),
+        (dict(question=[{"role": "user", "content": 3}]), r"question\[0\] must be a message"),
+        (dict(question=conv[:1]), "must end with a user message"),
+        (dict(question=conv, system="x"), "do not also pass system="),
+        (dict(question=Q, thinking=None), "thinking must be a str, got NoneType"),
+        (dict(question=Q, summary=4), "summary must be a str or None, got int"),
+    ]:
+        with pytest.raises(TraceError, match=match):
+            Trace.from_parts(tokenizer, **{"thinking": "Add.", "summary": "4", **bad})
+    prompt = render_prompt(tokenizer, Q)
+    with pytest.raises(TraceError, match="output_text must be a str, got NoneType"):
+        Trace.from_text(tokenizer, prompt, None)
+    with pytest.raises(TraceError, match=r"record\['output'\] must be a str, got NoneType"):
+        Trace.from_record(tokenizer, {"question": Q, "output": None})
+    with pytest.raises(TraceError, match=r"record\['question'\] must be a str or a chat conversation"):
+        Trace.from_record(tokenizer, {"question": 7, "output": "x"})
+
+
 def test_split_summary(tokenizer):
     tr = Trace.from_parts(tokenizer, question=Q, thinking="a", summary="S1.\n\nS2.", split_summary=True)
     assert [tr.steps[i].text for i in tr.summary_steps] == ["S1.", "S2."]
@@ -207,6 +265,30 @@ def test_errors_and_options(tokenizer):
     assert cut.token_steps.tolist() == full.token_steps[:40].tolist()
     assert cut.summary_steps == [] and full.text.startswith(cut.text)
     assert_consistent(cut)
+
+
+def test_from_ids_keeps_the_given_ids(tokenizer):
+    tok = tokenizer
+    prompt = render_prompt(tok, Q) + "<think>\n"
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = non_canonical_output(tok)
+    text, offsets = decode_with_offsets(tok, p_ids + out)
+    n = len(p_ids)
+    assert text == prompt + "Add.\n\n😀\ufffdIt is 4.\n</think>\n\n4"
+    emoji = text.index("😀")
+    assert [o[0] for o in offsets[n + 3:n + 10]] == [emoji] * 4 + [emoji + 1, emoji + 2, emoji + 3]
+    tr = Trace.from_ids(tok, torch.tensor(p_ids), out)
+    assert tr.token_ids.tolist() == p_ids + out and tr.text == text
+    assert tok(text, add_special_tokens=False)["input_ids"] != p_ids + out
+    assert [s.text for s in tr.steps] == [Q, "Add.", "😀\ufffdIt is 4.", "4"]
+    assert step_token_texts(tok, tr)[2] == "😀\ufffdIt is 4.\n"
+    assert_consistent(tr)
+    with pytest.raises(TraceError, match="output_ids must be a list of ints"):
+        Trace.from_ids(tok, p_ids, "Add.")
+    with pytest.raises(TraceError, match="prompt_ids must be a 1-d integer tensor"):
+        Trace.from_ids(tok, torch.tensor([p_ids]), out)
+    with pytest.raises(TraceError, match="prompt_ids is empty"):
+        Trace.from_ids(tok, [], out)
 
 
 def test_no_chat_template_fallback():
@@ -251,18 +333,53 @@ def test_all_real_traces_load(real_traces):
     incomplete = [t for t in traces if not t.complete]
     assert len(incomplete) == 1 and incomplete[0].summary_steps == []
     assert "math500_0009" in json.dumps(incomplete[0].meta)
-    assert sum("cut off" in w for w in warned) == 1
+    assert warned == [w for w in warned if "cut off" in w] and len(warned) == 1
     for t in traces:
-        assert_consistent(t)
         assert t.format == "r1" and len(t.question_steps) == 1 and len(t.thinking_steps) >= 1
         assert t.complete == bool(t.summary_steps)
         assert {"correct", "gold", "model", "source"} <= set(t.meta)
-        # every non-whitespace character of the output is in some step
-        covered = sum(len("".join(s.text.split())) for s in t.steps if s.kind != "question")
-        out = t.text[t.text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]
-        out = out.replace("<think>", "").replace("</think>", "")
-        assert covered == len("".join(out.split()))
     assert sum(t.meta["correct"] for t in traces) == 57
+    assert sum(t.n_steps for t in traces) == 5719
+
+
+@pytest.mark.parametrize("tok_name", ["tokenizer", "qwen2_style_tokenizer"])
+def test_real_traces_steps_own_exactly_their_tokens(request, tok_name):
+    """On all 71 real traces: each step's tokens decode to the step's text, steps tile
+    their segment's tokens in order, and the thinking steps hold every visible character
+    of the thinking."""
+    tok = request.getfixturevalue(tok_name)
+    records = [json.loads(line) for line in TRACES.read_text().splitlines()]
+    for rec in records:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = Trace.from_record(tok, rec)
+        assert_consistent(t)
+        steps, ids = t.token_steps.tolist(), t.token_ids.tolist()
+        for s in t.steps:
+            a, b = s.token_span
+            assert steps[a:b] == [s.index] * (b - a), (rec["source"], s.index)
+            assert decode(tok, ids[a:b]).strip() == s.text, (rec["source"], s.index)
+        for kind in ("question", "thinking", "summary"):
+            spans = [s.token_span for s in t.steps if s.kind == kind]
+            assert all(x[1] == y[0] for x, y in zip(spans, spans[1:])), (rec["source"], kind)
+        thinking = rec["output"].split("</think>")[0].replace("<think>", "")
+        covered = set()
+        for i in t.thinking_steps:
+            covered.update(range(*t.steps[i].char_span))
+        start = len(t.text) - len(rec["output"])
+        visible = [j for j in range(start, len(t.text)) if not t.text[j].isspace()]
+        in_thinking = [j for j in visible if j in covered]
+        assert "".join(t.text[j] for j in in_thinking) == "".join(thinking.split()), rec["source"]
+        summary = rec["output"].split("</think>", 1)[1] if t.complete else ""
+        got = "".join(t.steps[i].text for i in t.summary_steps)
+        assert "".join(got.split()) == "".join(summary.split()), rec["source"]
+        # the same ids given as ids: decoding them gives the same text, offsets and steps
+        n_prompt = int((t.token_offsets[:, 0] < start).sum())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            again = Trace.from_ids(tok, ids[:n_prompt], ids[n_prompt:], "r1", question=rec["question"])
+        assert again.text == t.text and again.steps == t.steps, rec["source"]
+        assert again.token_steps.tolist() == steps, rec["source"]
 
 
 def test_load_traces_json_and_errors(tmp_path, tokenizer):

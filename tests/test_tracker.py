@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 from conftest import R1_TRACES as TRACES
+from conftest import non_canonical_output
 
 from stepflow_tl.errors import TraceError
 from stepflow_tl.traces.formats import decode, render_prompt
@@ -56,6 +57,7 @@ HAND = {
     "r1_model_think": ("", "<think>\nFirst, add.\n\nSo 2+2 = 4.\n\nDone\n\n</think>\n\nThe answer is 4."),
     "r1_no_close": ("<think>\n", "Step one.\n\nStep two is"),
     "unicode": ("<think>\n", "First 😀 世界 ∑∫ x² ≤ π.\n\n世界\n\n😀😀\n\nend.  \n\n  Then\n\nx \n\n y</think>\n\nΣ 4 ∎"),
+    "indented": ("<think>\n", "1. **Units:** The 4.\n\n   The first.\n\n 😀 x\n\n\t世界.\n</think>\n\n  **4**"),
     "harmony": ("", "<|channel|>analysis<|message|>First, add. Then check!\n\nSo 2+2 = 4.<|end|>"
                     "<|start|>assistant<|channel|>final<|message|>The answer is 4.<|return|>"),
     "harmony_open": ("<|channel|>analysis<|message|>", "Add.\n\nMore.<|end|><|start|>assistant<|channel|>final"
@@ -66,13 +68,15 @@ HAND = {
 }
 
 
-@pytest.mark.parametrize("split", ["blank_lines", "sentences"])
+@pytest.mark.parametrize("tok_name", ["tokenizer", "qwen2_style_tokenizer"])
+@pytest.mark.parametrize("split", ["blank_lines", "lines", "sentences"])
 @pytest.mark.parametrize("name", sorted(HAND))
-def test_hand_traces_match_offline(tokenizer, name, split):
+def test_hand_traces_match_offline(request, tok_name, name, split):
+    tok = request.getfixturevalue(tok_name)
     suffix, output = HAND[name]
-    prompt = render_prompt(tokenizer, Q) + suffix
-    assert_same(tokenizer, prompt, output, split=split)
-    assert_same(tokenizer, prompt, output, split=split, split_summary=True)
+    prompt = render_prompt(tok, Q) + suffix
+    assert_same(tok, prompt, output, split=split)
+    assert_same(tok, prompt, output, split=split, split_summary=True)
 
 
 def test_events_r1(tokenizer):
@@ -171,16 +175,35 @@ def test_errors(tokenizer):
     assert isinstance(tracker.push(tokenizer.encode("Hi", add_special_tokens=False)[0])[0], StepEvent)
 
 
-def test_all_real_traces_match_offline(tokenizer):
+@pytest.mark.parametrize("tok_name", ["tokenizer", "qwen2_style_tokenizer"])
+def test_all_real_traces_match_offline(request, tok_name):
+    tok = request.getfixturevalue(tok_name)
     records = [json.loads(line) for line in TRACES.read_text().splitlines()]
     assert len(records) == 71
     for rec in records:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trace = Trace.from_record(tokenizer, rec)
+            trace = Trace.from_record(tok, rec)
         prompt = trace.text[: len(trace.text) - len(rec["output"])]
-        tracker, _ = track(tokenizer, trace, prompt)
+        tracker, events = track(tok, trace, prompt)
         assert tracker.token_steps == trace.token_steps.tolist(), rec["source"]
+        firsts = {e.step: e.position for e in events if e.kind == "new_step"}
+        assert firsts == {s.index: s.token_span[0] for s in trace.steps if s.kind != "question"}
+
+
+def test_non_canonical_ids_match_from_ids(tokenizer):
+    """Ids a model may generate but the tokenizer never produces (byte pieces, a stray
+    byte, a word spelt in letters): the tracker agrees with ``Trace.from_ids``."""
+    prompt = render_prompt(tokenizer, Q) + "<think>\n"
+    ids, qpos = prompt_positions(tokenizer, prompt)
+    out = non_canonical_output(tokenizer)
+    trace = Trace.from_ids(tokenizer, ids, out)
+    tracker = StepTracker(tokenizer, prompt_ids=ids, question_positions=qpos)
+    events = tracker.extend(out)
+    assert tracker.token_steps == trace.token_steps.tolist()
+    assert tracker.text == trace.text[len(prompt):]
+    firsts = {e.step: e.position for e in events if e.kind == "new_step"}
+    assert firsts == {s.index: s.token_span[0] for s in trace.steps if s.kind != "question"}
 
 
 @pytest.fixture(scope="module")

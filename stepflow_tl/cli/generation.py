@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..interventions import OddsEqualBridge, StepFlow, StepMomentum, generate
-from ..traces.formats import FORMAT_CHOICES
+from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
 from .common import add_model_args, load_from_args, parse_layers
 
 
@@ -23,14 +23,15 @@ def cmd_generate(args) -> int:
     (result,) = generate(
         model, [args.prompt], max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        interventions=interventions, format=args.format, chat=not args.raw,
+        interventions=interventions, format=args.format, chat=not args.raw, split=args.split,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     print(result.text)
     events = result.to_dataframe()
-    print(f"\n--- {len(result.output_ids)} tokens, stop: {result.stop_reason}, "
+    print(f"\n--- {len(result.output_ids)} tokens, stop: {result.stop_reason}, {result.format} format, "
+          f"{result.trace.n_steps} steps by the '{result.split}' split, "
           f"{result.tokens_per_s:.1f} tokens/s; interventions: {', '.join(result.interventions) or 'none'}")
     if len(events):
         summary = events.groupby(["intervention", "layer"]).agg(
@@ -51,6 +52,8 @@ def add_commands(sub) -> None:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--format", choices=FORMAT_CHOICES, default="auto")
+    gen.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
+                     help="how the output is cut into steps (auto: lines for the plain format, else blank_lines)")
     gen.add_argument("--raw", action="store_true", help="the prompt is already rendered text")
     gen.add_argument("--stepflow", action="store_true",
                      help="OEB + SMI with the paper's defaults (--oeb/--smi override their layers)")

@@ -18,7 +18,7 @@ from ..study import (
     load_problems,
 )
 from ..study.demo import honesty_note, run_demo
-from ..traces.formats import FORMAT_CHOICES
+from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
 from .common import add_model_args, load_from_args
 
 
@@ -42,6 +42,9 @@ def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prompt-style", choices=("chat", "r1"), default="chat")
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto")
+    parser.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
+                        help="how generated traces are cut into steps (auto: lines for the plain format, "
+                        "else blank_lines)")
     parser.add_argument("--saliency", type=int, default=0,
                         help="Step-Saliency maps of up to N correct and N incorrect traces per condition "
                         "(-1: every trace; 0: none)")
@@ -89,6 +92,7 @@ def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> Stud
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
         top_p=args.top_p, batch_size=args.batch_size, results_path=results, progress=not args.no_progress,
         saliency=True if args.saliency < 0 else args.saliency, prompt_style=args.prompt_style, format=args.format,
+        split=args.split,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         paths = result.to_csv(out)
@@ -131,6 +135,8 @@ def run_demo_cli(args) -> int:
     print(f"csv and results: {Path(args.out)}/ (items.csv, summary.csv, by_difficulty.csv, results.jsonl)")
     print(f"model: {result.config['model']}, {n} built-in problems, greedy, "
           f"max {result.config['max_new_tokens']} new tokens; wall time {seconds:.0f} s")
+    print(f"steps: {result.config['trace_format']} format, '{result.config['split']}' split "
+          f"(format and split 'auto')")
     print(result.headline())
     print("\n" + honesty_note(result.config["model"], n))
     return 0

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import StepflowError
 from ..tl.adapter import adapter, pad_token_ids, tokenizer_of
-from ..traces.formats import decode, find_question, render_prompt, resolve_format
+from ..traces.formats import QUESTION_TYPE, conversation, decode, find_question, render_prompt, resolve_format, resolve_split
 from ..traces.trace import Trace, TraceWarning
 from ..traces.tracker import StepTracker, prompt_positions
 from .base import InterventionEvent, apply_interventions
@@ -31,9 +31,10 @@ class Generation:
     Attributes:
         prompt: the rendered prompt text the model saw.
         text: the generated text (stop string and EOS excluded).
-        trace: `Trace` of prompt plus output (``Trace.from_text``). It re-tokenises the
-            text, which can differ from ``prompt_ids + output_ids`` where the model
-            produced a non-canonical tokenisation (random models do, trained ones rarely).
+        trace: `Trace` of exactly ``prompt_ids + output_ids`` (``Trace.from_ids``: the
+            ids are decoded, never re-tokenised), so its positions are the positions the
+            model ran and ``events`` refer to. Its text is ``prompt`` plus the decoded
+            output ids, including the EOS (markup, no step) or the stop string's tokens.
         prompt_ids: the prompt's token ids (without padding).
         output_ids: generated token ids (including the EOS / the tokens of a stop
             string, which ended generation).
@@ -43,6 +44,7 @@ class Generation:
         seed: the row's seed (from the call's seed and the prompt index).
         prefill_s, decode_s: wall time of the batch's prefill and decoding loop.
         tokens_per_s: this row's output tokens / decode_s.
+        format, split: how the trace was segmented (``"auto"`` resolved).
     """
 
     prompt: str
@@ -57,6 +59,7 @@ class Generation:
     decode_s: float
     tokens_per_s: float
     format: str = "plain"
+    split: object = "blank_lines"
     interventions: List[str] = field(default_factory=list)
 
     def to_dataframe(self):
@@ -76,6 +79,7 @@ class Generation:
             "stop_reason": self.stop_reason,
             "seed": self.seed,
             "format": self.format,
+            "split": self.split if isinstance(self.split, str) else getattr(self.split, "__name__", "callable"),
             "interventions": list(self.interventions),
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
@@ -102,6 +106,20 @@ def seed_for_rows(seed: int, first_index: int) -> int:
     of a call with ``seed``, so a run of consecutive items can start at any index."""
     inverse = pow(_SEED_SCALE, -1, _SEED_MODULUS)
     return ((int(seed) * _SEED_SCALE + int(first_index) * _INDEX_SCALE) * inverse) % _SEED_MODULUS
+
+
+def _prompt_list(prompts) -> list:
+    """``prompts`` as a list of prompts: a single string or conversation becomes a list
+    of one."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(m, dict) for m in prompts)):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise StepflowError(f"prompts must be {QUESTION_TYPE}, or a list of them; got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, list, tuple)):
+            raise StepflowError(f"prompts[{i}] must be {QUESTION_TYPE}, got {type(p).__name__}")
+    return list(prompts)
 
 
 def _question_in(tokenizer, prompt_text: str, question: Optional[str]) -> str:
@@ -164,7 +182,7 @@ class _RowTracker:
 @torch.no_grad()
 def generate(
     model,
-    prompts: Union[str, Sequence[str]],
+    prompts: Union[str, Sequence[dict], Sequence[Union[str, Sequence[dict]]]],
     *,
     max_new_tokens: int = 256,
     do_sample: bool = False,
@@ -176,16 +194,19 @@ def generate(
     format: str = "auto",
     chat: bool = True,
     system: Optional[str] = None,
-    split: str = "blank_lines",
+    split: str = "auto",
     questions: Optional[Sequence[str]] = None,
 ) -> List[Generation]:
     """Generate from a batch of prompts with KV caching, optionally with interventions.
 
     Args:
         model: a TL model (``TransformerBridge`` or ``HookedTransformer``).
-        prompts: question strings (rendered through the chat template with the
-            generation prompt when ``chat=True``) or pre-rendered prompt texts
-            (``chat=False``).
+        prompts: one prompt or a list. With ``chat=True`` a prompt is a question string
+            or an HF chat conversation (``[{"role": "system", "content": ...},
+            {"role": "user", "content": ...}]``, ending with a user message: the
+            question), rendered through the chat template with the generation prompt;
+            a conversation gives the same generation as its question string with the
+            same ``system``. With ``chat=False``, pre-rendered prompt texts.
         max_new_tokens: token budget per row.
         do_sample, temperature, top_p: greedy (default) or nucleus sampling; each row
             has its own ``torch.Generator`` seeded with ``row_seed(seed, index)``.
@@ -195,7 +216,10 @@ def generate(
             ``"plain"`` (thinking until a summary marker such as "Answer:"),
             ``"harmony"`` or ``"auto"`` (from the chat template).
         chat, system: prompt rendering.
-        split: how thinking is split into steps (``"blank_lines"``, ``"sentences"``).
+        split: how thinking is split into steps: ``"blank_lines"``, ``"lines"``,
+            ``"sentences"``, or ``"auto"`` (``"lines"`` for the plain format, whose
+            models write one step per line, else ``"blank_lines"``; see
+            ``traces.formats.AUTO_SPLIT``). ``Generation.split`` says which was used.
         questions: with ``chat=False``, the question text inside each prompt (the
             question segment, OEB's bridge while thinking); by default the last user
             message found through the chat template, else the whole prompt.
@@ -203,9 +227,7 @@ def generate(
     Returns:
         One `Generation` per prompt, in order.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
+    prompts = _prompt_list(prompts)
     if not prompts:
         raise StepflowError("no prompts given")
     if max_new_tokens < 1:
@@ -215,11 +237,17 @@ def generate(
     a = adapter(model)
     tok = tokenizer_of(model)
     device = a.device
+    if isinstance(stop, str):
+        stop = [stop]
+    if not all(isinstance(x, str) and x for x in stop):
+        raise StepflowError(f"stop must be a list of non-empty strings, got {stop!r}")
     texts = [render_prompt(tok, p, system, chat=chat) for p in prompts]
     fmt = resolve_format(tok, texts[0], format)
+    split = resolve_split(split, fmt)
     if questions is not None and len(questions) != len(prompts):
         raise StepflowError(f"got {len(questions)} questions for {len(prompts)} prompts")
-    qtexts = [p if chat else _question_in(tok, t, questions[i] if questions is not None else None)
+    qtexts = [conversation(p, system)[1] if chat else
+              _question_in(tok, t, questions[i] if questions is not None else None)
               for i, (p, t) in enumerate(zip(prompts, texts))]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     if any(len(x) == 0 for x in ids):
@@ -309,14 +337,14 @@ def generate(
         with warnings.catch_warnings():
             # An output cut by the budget has no summary; Trace says so in `complete`.
             warnings.simplefilter("ignore", TraceWarning)
-            trace = Trace.from_text(model, texts[i], text, format=fmt, question=qtexts[i], split=split,
-                                    allow_no_thinking=True)
+            trace = Trace.from_ids(model, ids[i], out, format=fmt, question=qtexts[i], split=split,
+                                   allow_no_thinking=True)
         results.append(Generation(
             prompt=texts[i], text=text, trace=trace, prompt_ids=list(ids[i]), output_ids=out,
             events=[e for e in events if e.row == i and e.position < end],
             stop_reason=reasons[i], seed=seeds[i], prefill_s=t1 - t0, decode_s=decode_s,
             tokens_per_s=len(out) / decode_s if decode_s > 0 else float("nan"),
-            format=fmt, interventions=names,
+            format=fmt, split=split, interventions=names,
         ))
     return results
 

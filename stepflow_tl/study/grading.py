@@ -19,7 +19,12 @@ Extraction within a region (``extract_answer``):
   standalone ``(B)`` or a last line that is only a letter (not with ``strict=True``). Letters
   are upper case A-E.
 - ``"math"``: the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), else
-  the rest of the line after the last ``Answer:`` / ``answer is`` marker, else None.
+  the rest of the line after the last ``Answer:`` / ``answer is`` marker. When no region has a
+  marker, the summary's last expression as math_verify extracts it (its ``parse`` on the summary,
+  first match only: the rightmost LaTeX environment or expression), reduced to the right-hand
+  side of its last top-level ``=`` (``\\sqrt{117} = 3\\sqrt{13}`` states ``3\\sqrt{13}``). Not
+  with ``strict=True``, and only for a summary after ``</think>``: an output without one may be
+  thinking that was cut off, whose last expression is no answer. Else None.
 
 Grading (``grade``): integers by exact numeric equality; choices by letter; math by
 ``math_verify`` (gold and prediction each parsed from ``\\boxed{...}``, then ``verify(gold, pred)``),
@@ -67,13 +72,16 @@ def answer_regions(text: str) -> list[str]:
     return [text]
 
 
-def extract_answer(text: str, kind: str, *, letters: str = "ABCDE", strict: bool = False) -> Optional[str]:
+def extract_answer(
+    text: str, kind: str, *, letters: str = "ABCDE", strict: bool = False, timeout_seconds: Optional[int] = 5
+) -> Optional[str]:
     """The answer stated in a model output, as a string, or None (rules in the module docstring).
 
     ``letters`` limits which letters count as a choice (e.g. "ABCD" for a 4-option problem).
-    ``strict=True`` accepts explicit markers only: no last-number fallback for integers and no
-    "(B)" / bare-letter-line fallback for choices. The fallbacks can credit an output that was cut
-    off mid-sentence ("... He gives 1 to a friend" read as 1).
+    ``strict=True`` accepts explicit markers only: no last-number fallback for integers, no
+    "(B)" / bare-letter-line fallback for choices and no last-expression fallback for math. The
+    fallbacks can credit an output that was cut off mid-sentence ("... He gives 1 to a friend"
+    read as 1). ``timeout_seconds`` bounds math_verify's extraction (see :func:`grade`).
     """
     if kind not in KINDS:
         raise StepflowError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -89,6 +97,8 @@ def extract_answer(text: str, kind: str, *, letters: str = "ABCDE", strict: bool
             found = _extract_math(region)
         if found is not None:
             return found
+    if kind == "math" and not strict and THINK_END in text:
+        return _last_expression(answer_regions(text)[0], timeout_seconds)
     return None
 
 
@@ -106,7 +116,8 @@ def grade(
     if not isinstance(problem, Problem):
         raise StepflowError(f"grade() needs a Problem, got {type(problem).__name__}")
     letters = "ABCDEFGHIJ"[: len(problem.choices)] if problem.kind == "choice" else "ABCDE"
-    extracted = extract_answer(output_text, problem.kind, letters=letters, strict=strict)
+    extracted = extract_answer(output_text, problem.kind, letters=letters, strict=strict,
+                               timeout_seconds=timeout_seconds)
     if extracted is None:
         return Grade(False, None, "none")
     if problem.kind == "integer":
@@ -195,6 +206,27 @@ def _extract_math(region: str) -> Optional[str]:
         line = re.sub(r"^(?:\$|\\\(|\\\[)+|(?:\$|\\\)|\\\]|\.|\*)+$", "", line).strip()
         return line or None
     return None
+
+
+def _last_expression(summary: str, timeout_seconds: Optional[int]) -> Optional[str]:
+    """math_verify's extraction of the last expression in ``summary``: the string it matched
+    (LaTeX delimiters removed), cut to what follows its last top-level ``=``."""
+    from math_verify import parse
+
+    found = parse(summary, fallback_mode="first_match", extraction_mode="first_match",
+                  parsing_timeout=_effective_timeout(timeout_seconds))
+    matched = next((x for x in found if isinstance(x, str)), None)
+    if matched is None:
+        return None
+    depth, cut = 0, 0
+    for i, c in enumerate(matched):
+        if c in "{([":
+            depth += 1
+        elif c in "})]":
+            depth -= 1
+        elif c == "=" and depth == 0:
+            cut = i + 1
+    return matched[cut:].strip() or None
 
 
 def _as_number(text: str) -> Optional[Decimal]:

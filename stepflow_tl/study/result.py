@@ -195,6 +195,8 @@ class StudyResult:
             f"model: {cfg.get('model')} | problems: {cfg.get('n_problems')} | samples per problem: "
             f"{cfg.get('samples')} | decoding: {'sampling T=%s top_p=%s' % (cfg.get('temperature'), cfg.get('top_p')) if cfg.get('do_sample') else 'greedy'}"
             f" | max_new_tokens: {cfg.get('max_new_tokens')} | seed: {cfg.get('seed')}"
+            f" | steps: {cfg.get('trace_format', '?')} format, split '{cfg.get('split', '?')}'"
+            f"{' (auto)' if cfg.get('format') == 'auto' else ''}"
         )
         report.add_text(facts, css_class="note")
         if notes:

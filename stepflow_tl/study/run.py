@@ -27,7 +27,8 @@ from ..errors import StepflowError
 from ..interventions.generate import generate, row_seed, seed_for_rows
 from ..saliency.compute import step_saliency
 from ..saliency.maps import StepSaliency
-from ..tl.adapter import adapter
+from ..tl.adapter import adapter, tokenizer_of
+from ..traces.formats import SPLIT_CHOICES, render_prompt, resolve_format, resolve_split
 from .conditions import ABLATION, DEFAULT_CONDITIONS, describe, resolve_conditions
 from .grading import grade
 from .problems import Problem, prompt_for
@@ -130,6 +131,7 @@ def evaluate(
     format: str = "auto",
     system: Optional[str] = None,
     reference: str = "baseline",
+    split: str = "auto",
 ) -> StudyResult:
     """Run every condition on every problem ``samples`` times and grade the outputs.
 
@@ -152,6 +154,9 @@ def evaluate(
             (``<stem>.saliency/``).
         saliency_loss: the loss of `step_saliency`.
         prompt_style, format, system: `prompt_for` style and `generate` options.
+        split: how generated traces are cut into steps (`generate`'s ``split``, by name;
+            ``"auto"`` is resolved once for the model's format, and the config records
+            the split and format used as ``split`` and ``trace_format``).
         reference: the condition the others are paired against.
 
     Returns:
@@ -174,10 +179,16 @@ def evaluate(
     if not isinstance(saliency, (bool, int)) or saliency is not True and saliency < 0:
         raise StepflowError(f"saliency must be True/False or a number of maps >= 0, got {saliency!r}")
     conds = resolve_conditions(conditions)
+    if split not in SPLIT_CHOICES:
+        raise StepflowError(f"split must be one of {SPLIT_CHOICES} (a study records it by name), got {split!r}")
+    tok = tokenizer_of(model)
+    trace_format = resolve_format(tok, render_prompt(tok, prompt_for(problems[0], style=prompt_style), system),
+                                  format)
+    split = resolve_split(split, trace_format)
     config = study_config(
         model, problems, conds, samples=samples, seed=seed, max_new_tokens=max_new_tokens,
         do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        prompt_style=prompt_style, format=format, system=system,
+        prompt_style=prompt_style, format=format, system=system, trace_format=trace_format, split=split,
         saliency=(saliency if saliency is True else int(saliency)), saliency_loss=saliency_loss,
     )
     path = Path(results_path) if results_path is not None else None
@@ -235,7 +246,7 @@ def evaluate(
                 gens = generate(
                     model, [prompt_for(p, style=prompt_style) for p in probs], max_new_tokens=max_new_tokens,
                     do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed_for_rows(seed, batch[0]),
-                    interventions=ivs, format=format, system=system,
+                    interventions=ivs, format=trace_format, system=system, split=split,
                 )
                 wall = (time.perf_counter() - t0) / len(batch)
                 for g, p, gen in zip(batch, probs, gens):

@@ -13,7 +13,7 @@ with them.
 from __future__ import annotations
 
 import re
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import StepflowError, TraceError
 from ..tl.adapter import tokenizer_of
@@ -22,7 +22,12 @@ STEP_KINDS = ("question", "thinking", "summary")
 FORMATS = ("r1", "harmony", "plain")
 # What a caller may pass: a format or "auto" (see `detect_format` and `resolve_format`).
 FORMAT_CHOICES = ("auto",) + FORMATS
-SPLITS = ("blank_lines", "sentences")
+SPLITS = ("blank_lines", "lines", "sentences")
+# split="auto": the split that gives each format's traces real steps. Reasoning models
+# (r1, harmony) write paragraphs separated by blank lines; models without a thinking
+# format (plain) tend to write one step per line ("1. ...\n2. ...", SmolLM2).
+AUTO_SPLIT = {"r1": "blank_lines", "harmony": "blank_lines", "plain": "lines"}
+SPLIT_CHOICES = ("auto",) + SPLITS
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -45,6 +50,9 @@ _BLANK_LINE_RE = re.compile(r"\n\s*\n")
 _PLAIN_QUESTION_PREFIX = "Question:\n"
 
 SplitSpec = Union[str, Callable[[str], Sequence[Tuple[int, int]]]]
+REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of an incomplete character
+Question = Union[str, Sequence[Dict[str, str]]]
+QUESTION_TYPE = "a str or a chat conversation (a list of {'role': ..., 'content': str} dicts)"
 
 
 def special_strings(tok) -> List[str]:
@@ -64,23 +72,61 @@ def decode(tok, ids) -> str:
 # ---------------------------------------------------------------- prompt rendering
 
 
-def render_prompt(model_or_tok, question: str, system: Optional[str] = None, *, chat: bool = True) -> str:
-    """The prompt for ``question`` with the generation prompt appended.
+def conversation(question: Question, system: Optional[str] = None, *, name: str = "question"):
+    """``(messages, question text)`` for a question string or an HF chat conversation.
+
+    A conversation is a list of ``{"role", "content"}`` dicts, as HF pipelines take it:
+    optionally a system message, then turns that end with a user message, whose
+    content is the question. ``system`` prepends a system message (a conversation that
+    already has one cannot take another). Raises :class:`TraceError` naming ``name``
+    for anything else.
+    """
+    if system is not None and not isinstance(system, str):
+        raise TraceError(f"system must be a str or None, got {type(system).__name__}")
+    if isinstance(question, str):
+        messages = [{"role": "user", "content": question}]
+    elif isinstance(question, (list, tuple)) and question and all(isinstance(m, dict) for m in question):
+        for i, m in enumerate(question):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TraceError(
+                    f"{name}[{i}] must be a message {{'role': str, 'content': str}}, got keys {sorted(m)} "
+                    f"with content of type {type(m.get('content')).__name__}")
+        messages = [{"role": m["role"], "content": m["content"]} for m in question]
+        if messages[-1]["role"] != "user":
+            raise TraceError(f"the conversation given as {name} must end with a user message (the question); "
+                             f"its last message is {messages[-1]['role']!r}")
+        if system is not None and any(m["role"] == "system" for m in messages):
+            raise TraceError(f"the conversation given as {name} has a system message; do not also pass system=")
+    else:
+        raise TraceError(f"{name} must be {QUESTION_TYPE}, got {type(question).__name__}")
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + messages
+    return messages, messages[-1]["content"]
+
+
+def render_prompt(model_or_tok, question: Question, system: Optional[str] = None, *, chat: bool = True) -> str:
+    """The prompt for ``question`` (a string or an HF chat conversation, see
+    :func:`conversation`) with the generation prompt appended.
 
     Uses the tokenizer's chat template; without one, falls back to
-    ``"Question:\\n{question}\\n\\n"`` (a newline, not a space, after the colon so the
-    question's first word starts a token of its own). ``chat=False``: ``question`` is
-    already the rendered prompt and is returned as is.
+    ``"{system}\\n\\nQuestion:\\n{question}\\n\\n"`` (a newline, not a space, after the colon so
+    the question's first word starts a token of its own), which holds at most a system
+    message and one user message. ``chat=False``: ``question`` is already the rendered
+    prompt (a str) and is returned as is.
     """
     if not chat:
+        if not isinstance(question, str):
+            raise TraceError(f"with chat=False a prompt must be the rendered prompt text (a str), got "
+                             f"{type(question).__name__}")
         return question
     tok = tokenizer_of(model_or_tok)
+    messages, text = conversation(question, system)
     if not getattr(tok, "chat_template", None):
-        prefix = f"{system}\n\n" if system else ""
-        return f"{prefix}{_PLAIN_QUESTION_PREFIX}{question}\n\n"
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
-    ]
+        if len(messages) > 2 or (len(messages) == 2 and messages[0]["role"] != "system"):
+            raise TraceError("without a chat template a conversation can hold only a system message and "
+                             "one user message")
+        prefix = f"{messages[0]['content']}\n\n" if len(messages) == 2 else ""
+        return f"{prefix}{_PLAIN_QUESTION_PREFIX}{text}\n\n"
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -240,8 +286,16 @@ def parse_output(output: str, fmt: str, prompt_text: str, specials: Sequence[str
 
 
 def check_split(split: SplitSpec) -> None:
-    if not callable(split) and split not in SPLITS:
-        raise TraceError(f"split must be one of {SPLITS} or a callable (text) -> [(start, end)], got {split!r}")
+    if not callable(split) and split not in SPLIT_CHOICES:
+        raise TraceError(
+            f"split must be one of {SPLITS}, 'auto' or a callable (text) -> [(start, end)], got {split!r}")
+
+
+def resolve_split(split: SplitSpec, fmt: str) -> SplitSpec:
+    """``split="auto"`` for a trace of format ``fmt`` (see ``AUTO_SPLIT``); any other
+    split as given."""
+    check_split(split)
+    return AUTO_SPLIT[fmt] if split == "auto" else split
 
 
 def step_starts(content: str, split: SplitSpec) -> List[int]:
@@ -257,15 +311,19 @@ def step_starts(content: str, split: SplitSpec) -> List[int]:
                 out.append(pos + len(piece) - len(stripped))
             pos = m.end() if m else pos
         return out
-    if split == "sentences":
+    if split in ("sentences", "lines"):
         out = []
         prev = None
         for m in re.finditer(r"\S+", content):
             if prev is None:
                 out.append(m.start())
             else:
-                gap = content[prev.end():m.start()]
-                if gap.count("\n") >= 2 or _SENTENCE_END_RE.search(prev.group()):
+                newlines = content.count("\n", prev.end(), m.start())
+                if split == "lines":
+                    new = newlines >= 1
+                else:
+                    new = newlines >= 2 or _SENTENCE_END_RE.search(prev.group()) is not None
+                if new:
                     out.append(m.start())
             prev = m
         return out
@@ -299,6 +357,78 @@ def token_starts(offsets) -> List[int]:
         starts.append(min(int(s), prev_end) if starts else int(s))
         prev_end = max(int(e), prev_end)
     return starts
+
+
+def token_range(starts: Sequence[int], t: int, n_chars: int) -> Tuple[int, int]:
+    """Characters of token ``t``: from its first character to the next token's first
+    character (at least one character, so byte pieces of one character share it)."""
+    a = starts[t]
+    b = starts[t + 1] if t + 1 < len(starts) else n_chars
+    return a, min(max(b, a + 1), n_chars)
+
+
+def first_visible(chars, a: int, b: int) -> int:
+    """Index of the first non-whitespace character of ``chars[a:b]``, -1 if none."""
+    for j in range(a, b):
+        if not chars[j].isspace():
+            return j
+    return -1
+
+
+def token_labels(text: str, starts: Sequence[int], char_label: Sequence[int]) -> List[int]:
+    """The ownership rule: a token gets the label of its first non-whitespace character;
+    a whitespace-only token gets the label of its first character (the step whose
+    extended span holds it, -1 before a segment's first step or in markup)."""
+    out = []
+    for t in range(len(starts)):
+        a, b = token_range(starts, t, len(text))
+        j = first_visible(text, a, b)
+        j = a if j < 0 else j
+        out.append(char_label[j] if j < len(text) else -1)
+    return out
+
+
+def decode_with_offsets(tok, ids: Sequence[int]) -> Tuple[str, List[Tuple[int, int]]]:
+    """The decoded text of ``ids`` and each token's character span in it.
+
+    Decodes a sliding window of ids, as Hugging Face's ``TextStreamer`` does: the cost
+    is O(len(ids)), and the window keeps the previous piece as context for tokenizers
+    whose decoding of a token depends on the one before (SentencePiece spaces). A token
+    starts at the character that holds its first byte: the bytes of one multi-byte
+    character split over several tokens put all of them at that character. A span runs
+    to the next token's start (at least one character).
+    """
+    pieces: List[str] = []
+    n_chars = 0
+    prefix, read = 0, 0  # ids[prefix:read] is committed text kept as context
+    prefix_text = ""
+    starts: List[int] = []
+    for t in range(len(ids)):
+        full = decode(tok, ids[prefix:t + 1])
+        if read == t:
+            starts.append(n_chars)
+        else:  # ids[read:t] ended inside a character, which t may continue
+            pending = decode(tok, ids[prefix:t])
+            starts.append(n_chars + len(pending) - len(prefix_text) - continues_character(pending, full))
+        if full.endswith(REPLACEMENT) and t + 1 < len(ids):
+            continue
+        new = full[len(prefix_text):]
+        pieces.append(new)
+        n_chars += len(new)
+        prefix, read = read, t + 1
+        prefix_text = decode(tok, ids[prefix:read])
+    text = "".join(pieces)
+    ends = starts[1:] + [len(text)]
+    return text, [(a, min(max(b, a + 1), len(text))) for a, b in zip(starts, ends)]
+
+
+def continues_character(before: str, after: str) -> bool:
+    """Whether the token that turned the decoding ``before`` into ``after`` continues
+    (or completes) the incomplete character ``before`` ends in, rather than starting
+    after bytes that will never form a character (which stay a U+FFFD of their own)."""
+    if not before.endswith(REPLACEMENT):
+        return False
+    return len(after) == len(before) or after[len(before) - 1:len(before)] != REPLACEMENT
 
 
 # ---------------------------------------------------------------- the stated answer

@@ -5,10 +5,11 @@ into steps. Template markup (role headers, ``<think>`` tags, harmony channel mar
 special tokens) belongs to no step. Tokens are mapped to steps through the character
 offsets of ONE tokenisation of the full text; pieces are never re-tokenised.
 
-Alignment rule (see docs/traces.md for a worked example): a step's *extended span*
-runs from its first non-whitespace character to the first character of the next step
-in the same segment (or the segment end), minus markup; a token belongs to the step
-whose extended span holds the token's FIRST character, and to no step (-1) otherwise.
+Ownership rule (see docs/traces.md for worked examples): a token belongs to the step
+that holds its first non-whitespace character; a token made only of whitespace belongs
+to the step whose *extended span* (from its first non-whitespace character to the next
+step of the same segment, or the segment end, minus markup) holds it, i.e. to the step
+before it, and to no step (-1) before a segment's first step; markup belongs to no step.
 A step that ends up with no token is merged into the preceding step of its segment
 (or the following one when it is the first), with a :class:`TraceWarning`.
 
@@ -23,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Int
@@ -36,14 +37,18 @@ from .formats import (
     SUMMARY_MARKERS,
     THINK_CLOSE,
     THINK_OPEN,
+    Question,
     SplitSpec,
-    check_split,
+    conversation,
+    decode_with_offsets,
     detect_format,
     find_question,
     parse_output,
     render_prompt,
+    resolve_split,
     special_strings,
     step_starts,
+    token_labels,
     token_starts,
 )
 from .records import read_json_records
@@ -216,13 +221,63 @@ class Trace:
         defaults to the model's ``n_ctx`` when a model is passed (no limit for a bare
         tokenizer); longer texts raise unless ``truncate=True``.
         """
+        _check_str(prompt_text, "prompt_text")
+        _check_str(output_text, "output_text")
         tok = tokenizer_of(model_or_tok)
-        check_split(split)
-        if not isinstance(prompt_text, str) or not isinstance(output_text, str):
-            raise TraceError("prompt_text and output_text must be strings")
+        enc = tok(prompt_text + output_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return cls._segment(model_or_tok, prompt_text, output_text, list(enc["input_ids"]),
+                            [(int(x), int(y)) for x, y in enc["offset_mapping"]], format, question=question,
+                            split=split, split_summary=split_summary, allow_no_thinking=allow_no_thinking,
+                            max_tokens=max_tokens, truncate=truncate, meta=meta)
+
+    @classmethod
+    def from_ids(
+        cls,
+        model_or_tok,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        format: str = "auto",
+        *,
+        question: Optional[str] = None,
+        split: SplitSpec = "blank_lines",
+        split_summary: bool = False,
+        allow_no_thinking: bool = False,
+        max_tokens: Optional[int] = None,
+        truncate: bool = False,
+        meta: Optional[Dict[str, Any]] = None,
+    ) -> "Trace":
+        """The trace of exactly ``prompt_ids + output_ids`` (e.g. what a model generated).
+
+        Nothing is re-tokenised: ``token_ids`` are the given ids, ``text`` is their
+        decoding (special tokens kept) and each token's character span comes from
+        decoding the ids one at a time (`formats.decode_with_offsets`). The prompt text
+        is the text before the first output token; the rest is the output, segmented as
+        in :meth:`from_text` (same options). A tokenizer may decode a non-canonical
+        tokenisation to a text that it would tokenise differently; the trace still holds
+        the given ids.
+        """
+        tok = tokenizer_of(model_or_tok)
+        prompt_ids = _check_ids(prompt_ids, "prompt_ids")
+        if not prompt_ids:
+            raise TraceError("prompt_ids is empty; the prompt must hold the question")
+        ids = prompt_ids + _check_ids(output_ids, "output_ids")
+        text, offsets = decode_with_offsets(tok, ids)
+        boundary = offsets[len(prompt_ids)][0] if len(ids) > len(prompt_ids) else len(text)
+        return cls._segment(model_or_tok, text[:boundary], text[boundary:], ids, offsets, format,
+                            question=question, split=split, split_summary=split_summary,
+                            allow_no_thinking=allow_no_thinking, max_tokens=max_tokens, truncate=truncate,
+                            meta=meta)
+
+    @classmethod
+    def _segment(cls, model_or_tok, prompt_text, output_text, ids, offsets, format, *, question, split,
+                 split_summary, allow_no_thinking, max_tokens, truncate, meta) -> "Trace":
+        """Segment ``prompt_text + output_text`` whose tokens are ``ids`` with character
+        ``offsets`` into that text."""
+        tok = tokenizer_of(model_or_tok)
         fmt = detect_format(prompt_text, output_text) if format == "auto" else format
         if fmt not in FORMATS:
             raise TraceError(f"format must be one of {FORMATS} or 'auto', got {format!r}")
+        split = resolve_split(split, fmt)
         if max_tokens is None and tok is not model_or_tok:
             cfg = getattr(model_or_tok, "cfg", None)
             max_tokens = int(getattr(cfg, "n_ctx", 0) or 0) or None
@@ -233,17 +288,13 @@ class Trace:
         if fmt == "r1" and not complete:
             warnings.warn(
                 "no '</think>' in the output: the thinking was cut off; all output is thinking, "
-                "there is no summary and complete=False", TraceWarning, stacklevel=2)
+                "there is no summary and complete=False", TraceWarning, stacklevel=3)
         elif fmt == "plain" and not complete:
             warnings.warn(
                 f"no summary marker {SUMMARY_MARKERS} in the output: all output is thinking, complete=False",
-                TraceWarning, stacklevel=2)
+                TraceWarning, stacklevel=3)
         segments = [("question", q0, q1)] + [(k, s + off, e + off) for k, s, e in segs]
         markup = [(s + off, e + off) for s, e in markup]
-
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids = list(enc["input_ids"])
-        offsets = enc["offset_mapping"]
         if max_tokens is not None and len(ids) > max_tokens:
             if not truncate:
                 raise TraceError(
@@ -257,7 +308,7 @@ class Trace:
     def from_parts(
         cls,
         model_or_tok,
-        question: str,
+        question: Question,
         thinking: str,
         summary: Optional[str] = None,
         format: str = "r1",
@@ -267,7 +318,10 @@ class Trace:
     ) -> "Trace":
         """Render ``question``/``thinking``/``summary`` and segment the result.
 
-        The prompt is :func:`render_prompt`; the output is
+        ``question`` is a string or an HF chat conversation (a list of ``{"role",
+        "content"}`` dicts ending with the user's question, optionally with a system
+        message); a conversation gives the same trace as its last user message with the
+        same system message. The prompt is :func:`render_prompt`; the output is
         ``"<think>\\n{thinking}\\n</think>\\n\\n{summary}"`` (r1),
         ``"<|channel|>analysis<|message|>{thinking}<|end|><|start|>assistant<|channel|>final<|message|>{summary}"``
         (harmony) or ``"{thinking}\\n\\nAnswer: {summary}"`` (plain; no ``Answer:`` is
@@ -275,7 +329,10 @@ class Trace:
         parts contain markup that would make the rendered text parse differently.
         """
         tok = tokenizer_of(model_or_tok)
+        _check_str(thinking, "thinking")
+        _check_str(summary, "summary", optional=True)
         prompt = render_prompt(tok, question, system)
+        question = conversation(question, system)[1]
         has_summary = summary is not None and summary.strip() != ""
         if format == "r1":
             out = f"{THINK_OPEN}\n{thinking}\n{THINK_CLOSE}" + (f"\n\n{summary}" if has_summary else "")
@@ -306,14 +363,18 @@ class Trace:
         """A trace from a record with ``question`` and ``output`` (the r1_traces.jsonl
         format); every other key goes to ``meta``. For r1 without an opening
         ``<think>`` in the output, the prompt gets ``"<think>\\n"`` appended, as the
-        R1 chat templates do."""
+        R1 chat templates do (unless the rendered prompt already ends with it)."""
         if not isinstance(record, dict) or "question" not in record or "output" not in record:
             raise TraceError("a trace record needs 'question' and 'output' keys")
         tok = tokenizer_of(model_or_tok)
         question, output = record["question"], record["output"]
+        _check_str(output, "record['output']")
+        text = conversation(question, system, name="record['question']")[1]
         prompt = render_prompt(tok, question, system)
+        question = text
         fmt = detect_format(prompt, output) if format == "auto" else format
-        if fmt == "r1" and not re.match(r"\s*" + re.escape(THINK_OPEN), output):
+        if (fmt == "r1" and not re.match(r"\s*" + re.escape(THINK_OPEN), output)
+                and not prompt.rstrip().endswith(THINK_OPEN)):
             prompt += THINK_OPEN + "\n"
         meta = {k: v for k, v in record.items() if k not in ("question", "output")}
         return cls.from_text(model_or_tok, prompt, output, fmt, question=question, meta=meta, **kw)
@@ -321,6 +382,22 @@ class Trace:
     def step_text(self, kind: str) -> str:
         """The texts of all steps of ``kind`` joined by blank lines."""
         return "\n\n".join(s.text for s in self.steps if s.kind == kind)
+
+
+def _check_str(value, name: str, optional: bool = False) -> None:
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise TraceError(f"{name} must be a str{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def _check_ids(ids, name: str) -> List[int]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.dtype.is_floating_point:
+            raise TraceError(f"{name} must be a 1-d integer tensor or a list of ints, got shape "
+                             f"{tuple(ids.shape)} and dtype {ids.dtype}")
+        return [int(i) for i in ids.tolist()]
+    if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TraceError(f"{name} must be a list of ints (token ids), got {type(ids).__name__}")
+    return [int(i) for i in ids]
 
 
 def _build(cls, tok, text, ids, starts, offsets, segments, markup, fmt, complete, split, split_summary,
@@ -359,7 +436,7 @@ def _build(cls, tok, text, ids, starts, offsets, segments, markup, fmt, complete
         warnings.warn(f"trace truncated to max_tokens={cut} tokens ({cut_char} characters)",
                       TraceWarning, stacklevel=3)
 
-    tok_raw = [label[s] if s < len(label) else -1 for s in starts]
+    tok_raw = token_labels(text, starts, label)
     first_tok: Dict[int, int] = {}
     last_tok: Dict[int, int] = {}
     for t, r in enumerate(tok_raw):
@@ -379,8 +456,8 @@ def _build(cls, tok, text, ids, starts, offsets, segments, markup, fmt, complete
         elif nxt:
             raw[nxt[0]][1] = min(raw[nxt[0]][1], raw[r][1])
         warnings.warn(
-            f"{kind} step {text[raw[r][1]:raw[r][2]][:40]!r} has no token of its own (no token starts "
-            f"inside it); it was {'merged into the preceding step' if prev else 'merged into the following step' if nxt else 'dropped'}",
+            f"{kind} step {text[raw[r][1]:raw[r][2]][:40]!r} has no token of its own (no token's first "
+            f"non-whitespace character is in it); it was {'merged into the preceding step' if prev else 'merged into the following step' if nxt else 'dropped'}",
             TraceWarning, stacklevel=3)
     final = {r: i for i, r in enumerate(keep)}
     steps = []

@@ -2,9 +2,10 @@
 
 :class:`StepTracker` turns the generated token stream into the segmentation that
 :meth:`stepflow_tl.traces.trace.Trace.from_text` would give the same text: same markup
-rules, same step boundaries, same token -> step rule (a token belongs to the step its
-first character lies in). Cost per ``push`` is O(new characters) for the built-in
-splits; a user callable is re-run on the current segment at each push (O(segment)).
+rules, same step boundaries, same token -> step rule (a token belongs to the step of
+its first non-whitespace character; a whitespace-only token to the step before it).
+Cost per ``push`` is O(new characters) for the built-in splits; a user callable is
+re-run on the current segment at each push (O(segment)).
 
 Some decisions need characters that arrive later. ``</think>`` may come as several
 tokens (``<``, ``think``, ``>``), and a plain-format summary marker (``Answer:``)
@@ -35,18 +36,22 @@ from .formats import (
     SUMMARY_MARKERS,
     THINK_CLOSE,
     THINK_OPEN,
+    REPLACEMENT,
     SplitSpec,
-    check_split,
+    continues_character,
     decode,
     find_question,
+    first_visible,
     harmony_channel_mode,
     harmony_initial_mode,
+    resolve_split,
     special_strings,
     step_starts,
+    token_labels,
+    token_range,
     token_starts,
 )
 
-_REPLACEMENT = "\ufffd"
 # How many prompt tokens to keep as decoding context (spacing of the first new token).
 _CONTEXT_TOKENS = 4
 
@@ -124,9 +129,8 @@ class StepTracker:
             raise TraceError(f"format must be one of {FORMATS}, got {format!r}")
         if start_segment not in ("thinking", "summary"):
             raise TraceError(f"start_segment must be 'thinking' or 'summary', got {start_segment!r}")
-        check_split(split)
         self.format = format
-        self.split = split
+        self.split = resolve_split(split, format)
         self.split_summary = split_summary
         self._ids: List[int] = [int(i) for i in prompt_ids]
         self.n_prompt = len(self._ids)
@@ -159,8 +163,9 @@ class StepTracker:
         self._final_raw: List[int] = []  # raw step id of each generated step
         self._popped: Dict[int, int] = {}  # steps undone during this push -> their first token
         self._split_cache = None
+        self._pending = False  # the decoded text ends in an incomplete character
         # first position whose label the last push set or revised (== the new token's
-        # position unless a multi-token pattern completed)
+        # position unless a multi-token pattern or a split character completed)
         self.changed_from = self.n_prompt
 
         if prompt_text is None:
@@ -220,8 +225,16 @@ class StepTracker:
         self._ids.append(int(token_id))
         self._tstart.append(self._token_start(pos))
         dirty = min(self._commit_new_text(), len(self._tstart) - 1)
+        # A token's label can depend on its later characters (its first visible one) and
+        # on whether they are complete, so the token before the first changed one, and
+        # the byte pieces sharing its first character, are labelled again too.
+        if dirty > 0:
+            dirty = bisect.bisect_left(self._tstart, self._tstart[dirty - 1])
+        before = self.token_steps[self.n_prompt + dirty:]
         self._relabel(dirty)
-        self.changed_from = self.n_prompt + dirty
+        after = self.token_steps[self.n_prompt + dirty:]
+        same = next((i for i, (x, y) in enumerate(zip(before, after)) if x != y), len(before))
+        self.changed_from = self.n_prompt + dirty + same
         events: List[StepEvent] = []
         if self._st.segment != seg_before:
             events.append(StepEvent("segment_change", pos, self.current_step, self._st.segment, seg_before))
@@ -248,20 +261,21 @@ class StepTracker:
             return base
         before = decode(self.tokenizer, self._ids[self._prefix:pos])
         rel = len(before) - len(self._prefix_text)
-        if before.endswith(_REPLACEMENT) and rel > 0:
-            rel -= 1
+        if rel > 0 and continues_character(before, decode(self.tokenizer, self._ids[self._prefix:pos + 1])):
+            rel -= 1  # the token starts at the incomplete character it continues
         return base + rel
 
     def _commit_new_text(self) -> int:
         """Decode the window, parse the newly complete characters. Returns the first
         generated-token index whose label may have changed."""
         full = decode(self.tokenizer, self._ids[self._prefix:])
-        pending = full.endswith(_REPLACEMENT)
+        pending = full.endswith(REPLACEMENT)
         end = len(full) - 1 if pending else len(full)
         new = full[len(self._prefix_text) + self._window_done:end]
         dirty_char = len(self._chars)
         for c in new:
             dirty_char = min(dirty_char, self._feed(c))
+        self._pending = pending
         if pending:
             self._window_done += len(new)
         else:
@@ -380,10 +394,8 @@ class StepTracker:
             new = True
         elif not splits:
             new = False
-        elif self.split == "blank_lines":
-            new = st.gap_newlines >= 2
-        elif self.split == "sentences":
-                new = st.gap_newlines >= 2 or (st.after_end and st.gap_space)
+        else:
+            new = self._gap_starts_step(st)
         if new:
             st.current = st.n_raw
             st.n_raw += 1
@@ -392,6 +404,15 @@ class StepTracker:
         self._label.append(st.current)
         st.gap_newlines, st.gap_space = 0, False
         st.after_end = c in SENTENCE_END or (st.after_end and c in SENTENCE_CLOSERS)
+
+    def _gap_starts_step(self, st) -> bool:
+        """Whether the whitespace since the last visible character starts a new step
+        (built-in splits, inside a segment that is split)."""
+        if self.split == "blank_lines" or callable(self.split):  # a callable's starts come later
+            return st.gap_newlines >= 2
+        if self.split == "lines":
+            return st.gap_newlines >= 1
+        return st.gap_newlines >= 2 or (st.after_end and st.gap_space)
 
     def _callable_starts(self, i: int) -> set:
         """Step starts (output char indices) of the current segment by the user's split,
@@ -420,14 +441,19 @@ class StepTracker:
             del self._raw_final[self._final_raw.pop()]
             self._step_pos.pop()
             self._step_kind.pop()
+        n_chars = len(self._label)
         for t in range(k, len(self._tstart)):
-            s = self._tstart[t]
-            if s < len(self._label):
-                raw = self._label[s]
-            else:  # first character still incomplete: it will be non-whitespace content
+            a, b = token_range(self._tstart, t, n_chars)
+            j = first_visible(self._chars, a, b)
+            last = t == len(self._tstart) - 1
+            if j >= 0:
+                raw = self._label[j]
+            elif a < n_chars and not (last and self._pending):
+                raw = self._label[a]  # whitespace only
+            else:  # its first visible character is still incomplete: non-whitespace content
                 st = self._st
-                raw = st.current if st.mode == "content" and st.has_step and st.gap_newlines < 2 and not (
-                    self.split == "sentences" and st.after_end and st.gap_space) else -1
+                starts = (st.segment == "thinking" or self.split_summary) and self._gap_starts_step(st)
+                raw = st.current if st.mode == "content" and st.has_step and not starts else -1
             if raw < 0 or raw >= len(self._raw_kind):
                 self.token_steps.append(-1)
                 continue
@@ -465,5 +491,6 @@ def prompt_positions(model_or_tok, prompt_text: str, question: Optional[str] = N
     enc = tok(prompt_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     starts = token_starts(enc["offset_mapping"])
     first = q0 + len(prompt_text[q0:q1]) - len(prompt_text[q0:q1].lstrip())
-    positions = [t for t, s in enumerate(starts) if first <= s < q1]
-    return list(enc["input_ids"]), positions
+    char_label = [0 if first <= j < q1 else -1 for j in range(len(prompt_text))]
+    labels = token_labels(prompt_text, starts, char_label)
+    return list(enc["input_ids"]), [t for t, x in enumerate(labels) if x == 0]
