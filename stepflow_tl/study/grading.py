@@ -97,7 +97,7 @@ def extract_answer(
             found = _extract_math(region)
         if found is not None:
             return found
-    if kind == "math" and not strict and THINK_END in text:
+    if kind == "math" and not strict and THINK_CLOSE in text:
         return _last_expression(answer_regions(text)[0], timeout_seconds)
     return None
 
