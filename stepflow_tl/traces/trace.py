@@ -19,6 +19,7 @@ token; both take their rules from `stepflow_tl.traces.formats`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -309,8 +310,11 @@ class Trace:
         R1 chat templates do."""
         if not isinstance(record, dict) or "question" not in record or "output" not in record:
             raise TraceError("a trace record needs 'question' and 'output' keys")
-        tok = tokenizer_of(model_or_tok)
         question, output = record["question"], record["output"]
+        for key, value in (("question", question), ("output", output)):
+            if not isinstance(value, str):
+                raise TraceError(f"'{key}' is {json.dumps(value)[:40]}, not text; fill it in or drop the record")
+        tok = tokenizer_of(model_or_tok)
         prompt = render_prompt(tok, question, system)
         fmt = detect_format(prompt, output) if format == "auto" else format
         if fmt == "r1" and not re.match(r"\s*" + re.escape(THINK_OPEN), output):
