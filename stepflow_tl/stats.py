@@ -349,6 +349,8 @@ def wilson_interval(k: int, n: int, *, level: float = 0.95) -> Proportion:
     z2 = z * z
     centre = (k + z2 / 2.0) / (n + z2)
     half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4.0)
-    return Proportion(
-        k=k, n=n, estimate=k / n, low=max(0.0, centre - half), high=min(1.0, centre + half), level=level
-    )
+    # At k = 0 (k = n) the lower (upper) bound is 0 (1) exactly; in floating point
+    # centre - half can come out as 1e-17, an interval that misses its own estimate.
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return Proportion(k=k, n=n, estimate=k / n, low=low, high=high, level=level)

@@ -25,8 +25,8 @@ from stepflow_tl.study.conditions import ABLATION, CONDITIONS, resolve_condition
 from stepflow_tl.study.problems import Problem
 from stepflow_tl.study.result import StudyResult
 from stepflow_tl.study.results import ITEM_COLUMNS as ITEM_KEYS
-from stepflow_tl.study.results import ResultsFile, read_results
-from stepflow_tl.study.run import _runs, evaluate, item_seed, load_study
+from stepflow_tl.study.results import ResultsFile, lock_path, read_results
+from stepflow_tl.study.run import _runs, _saliency_path, evaluate, item_seed, load_study, safe_file_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -137,7 +137,7 @@ def test_results_file_truncates_partial_line_and_refuses_other_config(tmp_path):
     assert path.read_bytes().endswith(b"\n")
     header, records = read_results(path)
     assert header == {"a": 1} and [r["problem_id"] for r in records] == ["p1", "p2", "p3"]
-    with pytest.raises(StepflowError, match=r"different config \(differs in \['a'\]\)"):
+    with pytest.raises(StepflowError, match=r"different config \(differs in \['a'\]; a: 1 in the file, 2 now\)"):
         ResultsFile.open(path, {"a": 2})
     with pytest.raises(StepflowError, match="lacks keys"):
         with ResultsFile.open(path, {"a": 1}) as store:
@@ -157,6 +157,129 @@ def test_results_file_rejects_foreign_and_corrupt_files(tmp_path):
     with pytest.raises(StepflowError, match="line 3: not valid JSON"):
         read_results(corrupt)
     assert set(ITEM_KEYS) <= set(_item())
+
+
+def _store_with(path, items, config=None):
+    with ResultsFile.open(path, config or {"a": 1}) as store:
+        for it in items:
+            store.append(it)
+
+
+def test_a_second_writer_is_refused_naming_the_lock_and_the_owner(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with ResultsFile.open(path, {"a": 1}) as store:
+        store.append(_item("p1"))
+        assert lock_path(path).is_file()
+        with pytest.raises(StepflowError, match=rf"being written by another study \(pid {os.getpid()} on .*lock "
+                                                rf".*r\.jsonl\.lock\).*another --out"):
+            ResultsFile.open(path, {"a": 1})
+    assert not lock_path(path).exists()  # released and removed on close
+    with ResultsFile.open(path, {"a": 1}) as store:  # and free again
+        assert len(store.records) == 1
+
+
+def test_another_process_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    path = tmp_path / "r.jsonl"
+    code = ("import time; from stepflow_tl.study.results import ResultsFile\n"
+            f"s = ResultsFile.open({str(path)!r}, {{'a': 1}}); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([PY, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StepflowError, match=f"pid {holder.pid}"):
+            ResultsFile.open(path, {"a": 1})
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert lock_path(path).exists()  # the file stays, the kernel dropped the lock
+    with ResultsFile.open(path, {"a": 1}) as store:
+        assert store.records == []
+
+
+def test_reading_refuses_duplicated_and_foreign_items_naming_them(tmp_path, tiny_bridge):
+    dup = tmp_path / "dup.jsonl"
+    _store_with(dup, [_item("p1"), _item("p2")])
+    with open(dup, "a") as f:  # what two concurrent writers used to leave
+        f.write(json.dumps({"type": "item", **_item("p1")}) + "\n")
+    with pytest.raises(StepflowError, match=r"line 4: problem 'p1', condition 'baseline', sample 0 is already on "
+                                            r"line 2.*count the item twice.*Delete the file"):
+        read_results(dup)
+    with pytest.raises(StepflowError, match="already on line 2"):
+        ResultsFile.open(dup, {"a": 1})
+    bad_type = tmp_path / "t.jsonl"
+    _store_with(bad_type, [_item("p1")])
+    with open(bad_type, "a") as f:
+        f.write(json.dumps({"type": "item", **_item("p2", sample="0")}) + "\n")
+    with pytest.raises(StepflowError, match=r"sample='0' have the wrong type"):
+        read_results(bad_type)
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(StepflowError, match="not a text file"):
+        load_study(binary)
+
+    # A resumed study refuses an item whose problem is not in the study (an edited
+    # file) instead of counting it; this used to end in "low <= accuracy <= high".
+    problems = [Problem(i, q, a, "integer", difficulty=1) for i, q, a in QUESTIONS[:2]]
+    path = tmp_path / "r.jsonl"
+    kw = dict(conditions=["baseline"], max_new_tokens=2, progress=False, results_path=path)
+    evaluate(tiny_bridge, problems, **kw)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1] + [lines[-1].replace('"a2"', '"zz9"')]) + "\n")
+    with pytest.raises(StepflowError, match=r"problem 'zz9', condition 'baseline', sample 0 is not one of this "
+                                            r"study's 2 problems.*delete the file or use another --out"):
+        evaluate(tiny_bridge, problems, **kw)
+    header = json.loads(lines[0])["config"]
+    path.write_text("\n".join(lines[:-1] + [lines[-1].replace('"baseline"', '"oeb"')]) + "\n")
+    with pytest.raises(StepflowError, match=r"condition 'oeb', sample 0 names a condition the header does not "
+                                            r"have \(\['baseline'\]\)"):
+        load_study(path)
+    assert header["dtype"] == "float32" and set(header["software"]) >= {"torch", "transformers", "transformer_lens"}
+
+
+def test_a_resume_under_other_software_is_refused(tiny_bridge, tmp_path, monkeypatch):
+    import stepflow_tl.study.run as ev
+
+    problems = [Problem("a1", "What is 2 + 3?", "5", "integer")]
+    kw = dict(conditions=["baseline"], max_new_tokens=2, progress=False, results_path=tmp_path / "r.jsonl")
+    evaluate(tiny_bridge, problems, **kw)
+    now = ev._software()
+    monkeypatch.setattr(ev, "_software", lambda: {**now, "transformers": "9.9"})
+    with pytest.raises(StepflowError, match=r"r\.jsonl was written by a study with a different config \(differs in "
+                                            r"\['software'\].*delete the file to start over"):
+        evaluate(tiny_bridge, problems, **kw)
+
+
+def test_saliency_file_names_are_unique_per_item_after_sanitising(tiny_bridge, tokenizer, tmp_path, monkeypatch):
+    import importlib
+    from dataclasses import replace
+
+    from stepflow_tl.traces.trace import Trace
+
+    ids = ["p/1", "p_1", "P_1", "..", "../../etc/passwd", " a b ", "a b", "ünïcødé", "ünïcødë", "x" * 300,
+           "x" * 299 + "y", ""]
+    names = [safe_file_name(i) for i in ids]
+    assert len(set(names)) == len(ids) and len({n.lower() for n in names}) == len(ids)
+    results = tmp_path / "out" / "results.jsonl"
+    for i in ids:
+        target = _saliency_path(results, "my/cond", i, 0)
+        assert target.parent.parent == tmp_path / "out" / "results.saliency"  # never outside, never deeper
+        assert len(target.name) < 80 and target.name.isascii() and not target.name.startswith(".")
+
+    # End to end: every item's map is its own file, and each row points at its map.
+    two_steps = Trace.from_parts(tokenizer, question="What is 2 + 3?", thinking="First.\n\nThen five.",
+                                 summary="5")
+    run_module = importlib.import_module("stepflow_tl.study.run")  # the package exports a function named run
+    real = run_module.generate
+    monkeypatch.setattr(run_module, "generate",
+                        lambda *a, **kw: [replace(g, trace=two_steps) for g in real(*a, **kw)])
+    problems = [Problem(i or "empty", "What is 2 + 3?", "5", "integer") for i in ids[:4] + ids[-3:-1]]
+    result = evaluate(tiny_bridge, problems, conditions=["baseline"], max_new_tokens=2, progress=False,
+                      saliency=True, results_path=results)
+    files = sorted((tmp_path / "out" / "results.saliency").rglob("*.npz"))
+    assert len(files) == len(problems)
+    loaded = load_study(results)
+    for p in problems:
+        assert loaded.saliency[(p.id, "baseline", 0)].meta["problem_id"] == p.id
+    assert set(result.items["saliency"]) == {str(f.relative_to(tmp_path / "out")) for f in files}
 
 
 # --------------------------------------------------------------------------- statistics and report
@@ -203,6 +326,17 @@ def test_study_result_statistics_report_and_csv(tmp_path):
     assert "stepflow: p" in html and "(incorrect)" in html and "CircuitsVis.render" in html
 
 
+def test_a_level_with_no_correct_answer_still_renders(tmp_path):
+    # 0/3 gave a Wilson low of 5.6e-17 > 0 and the report refused it with "every row
+    # needs low <= accuracy <= high" (what issue 12 saw after resuming garbage rows).
+    items = pd.DataFrame([_item(f"p{i}", correct=False, difficulty=1) for i in range(3)]
+                         + [_item(f"q{i}", correct=True, difficulty=2) for i in range(3)])
+    result = StudyResult(items=items, config={"model": "m"}, conditions=["baseline"])
+    by = result.by_difficulty().set_index("difficulty")
+    assert (by.loc[1, "low"], by.loc[1, "accuracy"], by.loc[2, "accuracy"], by.loc[2, "high"]) == (0.0, 0.0, 1.0, 1.0)
+    assert "Accuracy by difficulty" in result.save_html(tmp_path / "r.html").read_text()
+
+
 # --------------------------------------------------------------------------- CLI, kill, accelerate
 def test_cli_end_to_end_writes_report_and_csv(reference_run):
     out, stdout = reference_run
@@ -222,7 +356,12 @@ def test_cli_end_to_end_writes_report_and_csv(reference_run):
     assert load_study(out / "results.jsonl").summary()["n"].tolist() == [6, 6]
 
 
+SUMMARY_NUMBERS = ["condition", "n", "n_correct", "accuracy", "acc_low", "acc_high", "n_paired", "n_changed", "diff",
+                   "diff_low", "diff_high", "b01", "b10", "mcnemar_p", "p_holm", "mean_tokens", "events_per_item"]
+
+
 def test_killed_run_resumes_to_the_same_results(problem_file, reference_run, tmp_path):
+    kill_after = N_ITEMS // 2 + 2  # the first condition done, the second one started
     results = tmp_path / "results.jsonl"
     proc = subprocess.Popen(_study_cmd(problem_file, tmp_path), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -230,14 +369,14 @@ def test_killed_run_resumes_to_the_same_results(problem_file, reference_run, tmp
     n_lines = 0
     while time.monotonic() < deadline and proc.poll() is None:
         n_lines = results.read_bytes().count(b"\n") if results.exists() else 0
-        if n_lines >= 1 + 2:  # header and two items
+        if n_lines >= 1 + kill_after:  # header and the items
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # midway through a condition (each has N_ITEMS // 2 items)
     proc.wait()
     _, partial = read_results(results)
-    assert 2 <= len(partial) < N_ITEMS
+    assert kill_after <= len(partial) < N_ITEMS
     with open(results, "ab") as f:
         f.write(b'{"type": "item", "problem_id": "a')  # as if the kill had cut a write
     rerun = subprocess.run(_study_cmd(problem_file, tmp_path), cwd=ROOT, env=_env(), capture_output=True,
@@ -247,6 +386,30 @@ def test_killed_run_resumes_to_the_same_results(problem_file, reference_run, tmp
     assert not resumed.duplicated(["problem_id", "condition", "sample"]).any()
     assert len(resumed) == N_ITEMS
     pd.testing.assert_frame_equal(resumed, _items(reference_run[0] / "results.jsonl"))
+    # and the numbers a user reads are those of the uninterrupted run
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "summary.csv")[SUMMARY_NUMBERS],
+                                  pd.read_csv(reference_run[0] / "summary.csv")[SUMMARY_NUMBERS])
+
+
+def test_two_studies_started_at_once_on_one_file_never_double_count(problem_file, reference_run, tmp_path):
+    limit = 3  # of the 6 problems: still longer than the gap between the two starts
+    procs = [subprocess.Popen(_study_cmd(problem_file, tmp_path) + ["--limit", str(limit)], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    # Whoever takes the lock runs the study; the other is refused with a message naming
+    # the owner, or, if it gets there after the first finished, resumes with nothing to do.
+    assert codes in ([0, 0], [0, 2]), outs
+    for proc, (stdout, stderr), other in zip(procs, outs, reversed(procs)):
+        if proc.returncode == 2:
+            assert f"being written by another study (pid {other.pid} on " in stderr
+            assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    items = _items(tmp_path / "results.jsonl")
+    assert len(items) == 2 * limit and not items.duplicated(["problem_id", "condition", "sample"]).any()
+    reference = _items(reference_run[0] / "results.jsonl")
+    reference = reference[reference["problem_id"].isin([q[0] for q in QUESTIONS[:limit]])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(items, reference)
+    assert load_study(tmp_path / "results.jsonl").summary()["n"].tolist() == [limit, limit]
 
 
 def test_resume_skips_done_items_and_refuses_another_config(tiny_bridge, tmp_path):
@@ -260,9 +423,9 @@ def test_resume_skips_done_items_and_refuses_another_config(tiny_bridge, tmp_pat
     pd.testing.assert_frame_equal(again.items, first.items)
     reordered = evaluate(tiny_bridge, problems, **{**kw, "conditions": ["oeb", "baseline"]})
     assert len(reordered.items) == 4
-    with pytest.raises(StepflowError, match=r"different config \(differs in \['seed'\]\)"):
+    with pytest.raises(StepflowError, match=r"different config \(differs in \['seed'\];"):
         evaluate(tiny_bridge, problems, seed=1, **kw)
-    with pytest.raises(StepflowError, match=r"differs in \['conditions'\]"):
+    with pytest.raises(StepflowError, match=r"differs in \['conditions'\];"):
         evaluate(tiny_bridge, problems, **{**kw, "conditions": ["baseline"]})
 
 
@@ -276,3 +439,36 @@ def test_two_accelerate_processes_match_one(problem_file, reference_run, tmp_pat
     assert not list(tmp_path.glob("results.rank*")), "shards are merged and removed"
     assert proc.stdout.count("report: ") == 1  # only the main process writes the report
     pd.testing.assert_frame_equal(_items(tmp_path / "results.jsonl"), _items(reference_run[0] / "results.jsonl"))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(samples=1.5), r"samples must be an integer, got 1.5"),
+    (dict(batch_size=0), r"batch_size must be an integer >= 1"),
+    (dict(max_new_tokens=float("nan")), r"max_new_tokens must be an integer"),
+    (dict(seed=0.5), r"seed must be an integer"),
+    (dict(do_sample=1), r"do_sample must be True or False"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number in \(0.0, inf\)"),
+    (dict(top_p=0), r"top_p must be a finite number in \(0.0, 1.0\]"),
+    (dict(saliency=-2), r"saliency .* must be an integer >= 0"),
+    (dict(saliency=1.5), r"saliency .* must be an integer"),
+    (dict(saliency_loss="answers"), r"saliency_loss must be one of"),
+])
+def test_study_settings_are_checked_before_anything_runs(tiny_bridge, tmp_path, kw, message):
+    problems = [Problem("a1", "What is 2 + 3?", "5", "integer")]
+    with pytest.raises(StepflowError, match=message):
+        evaluate(tiny_bridge, problems, progress=False, results_path=tmp_path / "r.jsonl", **kw)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_demo_and_suite_configs_are_checked():
+    from stepflow_tl.study.demo import DemoConfig
+    from stepflow_tl.study.problems import SuiteConfig, builtin_suite
+
+    with pytest.raises(StepflowError, match=r"DemoConfig.max_new_tokens must be an integer >= 1"):
+        DemoConfig(max_new_tokens=0)
+    with pytest.raises(StepflowError, match=r"DemoConfig.conditions: unknown \['stepflw'\]"):
+        DemoConfig(conditions=("baseline", "stepflw"))
+    with pytest.raises(StepflowError, match=r"SuiteConfig.start_range\[0\] must be an integer, got 2.5"):
+        SuiteConfig(start_range=(2.5, 9))
+    with pytest.raises(StepflowError, match=r"n_per_level must be an integer"):
+        builtin_suite(n_per_level=1.5)

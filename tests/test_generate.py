@@ -190,8 +190,14 @@ def test_bad_arguments(tiny_model):
         generate(tiny_model, "x", max_new_tokens=0)
     with pytest.raises(StepflowError):
         generate(tiny_model, "x", max_new_tokens=3, format="xml")
-    with pytest.raises(ValueError):
+    with pytest.raises(StepflowError, match=r"layers \[50\] are outside the model"):
         generate(tiny_model, "x", max_new_tokens=3, interventions=[OddsEqualBridge(layers=[50])])
+    for kw, message in ((dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+                        (dict(seed=1.5), "seed must be an integer"),
+                        (dict(do_sample=True, temperature=float("inf")), "temperature must be a finite number"),
+                        (dict(do_sample=True, top_p=1.5), r"top_p must be a finite number in \(0.0, 1.0\]")):
+        with pytest.raises(StepflowError, match=message):
+            generate(tiny_model, "x", **{"max_new_tokens": 3, **kw})
     assert_no_hooks(tiny_model)
 
 

@@ -140,3 +140,15 @@ def test_mass_on_a_future_step_is_refused(tiny_model, trace):
 
     with attach_trace(tiny_model, trace), pytest.raises(StepflowError, match="has none"):
         tiny_model.run_with_hooks(trace.token_ids[None], fwd_hooks=[(step_pattern_name(0), impossible)])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.25])
+def test_a_non_finite_or_negative_edit_is_named_as_such(tiny_model, trace, value):
+    def broken(pattern, hook):
+        pattern[:, :, -1, :] = value  # every block of the last step, the empty ones included
+
+    with attach_trace(tiny_model, trace), pytest.raises(
+            StepflowError, match=r"edited step pattern has \d+ NaN, infinite or negative entries") as caught:
+        tiny_model.run_with_hooks(trace.token_ids[None], fwd_hooks=[(step_pattern_name(0), broken)])
+    assert "has none" not in str(caught.value)
+    assert _all_hooks(tiny_model) == 0

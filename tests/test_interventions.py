@@ -644,3 +644,45 @@ def test_stepflow_honours_the_intervention_contract(tiny_model, tokenizer):
     assert isinstance(applied, InterventionRun)
     assert {e.intervention for e in applied.events()} == {"oeb", "smi"}
     assert_no_hooks(tiny_model)
+
+
+# --------------------------------------------------------------------------- parameter checks
+@pytest.mark.parametrize("make, message", [
+    (lambda: StepMomentum(alpha=float("nan")), r"StepMomentum: alpha must be a finite number.*got nan"),
+    (lambda: StepMomentum(alpha=float("inf")), r"alpha must be a finite number"),
+    (lambda: StepMomentum(alpha="0.06"), r"alpha must be a finite number"),
+    (lambda: RandomMomentum(alpha=None), r"RandomMomentum: alpha"),
+    (lambda: StepMomentum(beta=1.0), r"beta must be a finite number in \[0.0, 1.0\)"),
+    (lambda: StepMomentum(beta=float("nan")), r"beta"),
+    (lambda: StepMomentum(window=2.5), r"window \(tokens, or None\) must be an integer, got 2.5"),
+    (lambda: StepMomentum(window=0), r"window .* >= 1"),
+    (lambda: StepMomentum(layers=[1.5]), r"StepMomentum: layers\[0\] must be an integer, got 1.5"),
+    (lambda: StepMomentum(layers=[True]), r"layers\[0\] must be an integer"),
+    (lambda: StepMomentum(layers=[-1]), r"layers\[0\] must be an integer >= 0"),
+    (lambda: StepMomentum(layers=[]), r"selects no layer"),
+    (lambda: StepMomentum(layers="top"), r"unknown layer band 'top'"),
+    (lambda: StepMomentum(layers=2.0), r"must be a band name"),
+    (lambda: StepMomentum(during_prefill="no"), r"during_prefill must be True or False"),
+    (lambda: StepMomentum(seed=0.5), r"seed must be an integer"),
+    (lambda: OddsEqualBridge(tau_max=1.5), r"OddsEqualBridge: tau_max must be a finite number in \[0.0, 1.0\), got 1.5"),
+    (lambda: OddsEqualBridge(tau_max=float("nan")), r"tau_max"),
+    (lambda: OddsEqualBridge(tau_max=-0.1), r"tau_max"),
+    (lambda: OddsEqualBridge(layers=range(0)), r"non-empty range"),
+    (lambda: OddsEqualBridge(sink_positions=[0.5]), r"sink_positions\[0\] must be an integer"),
+    (lambda: OddsEqualBridge(sink_positions=3), r"sink_positions must be a sequence"),
+    (lambda: RandomBridge(tau_max=float("inf")), r"RandomBridge: tau_max"),
+    (lambda: MatchedLogitNoise(n_steps=0), r"n_steps must be an integer >= 1"),
+    (lambda: StepFlow(oeb="bottom_quarter"), r"StepFlow: oeb must be an Intervention"),
+])
+def test_every_parameter_is_checked_at_construction(make, message):
+    with pytest.raises(StepflowError, match=message):
+        make()
+
+
+def test_valid_edge_values_and_negative_alpha_are_accepted(tiny_bridge):
+    assert StepMomentum(alpha=-0.06).alpha == -0.06  # an ablation: push away from the previous step
+    assert StepMomentum(alpha=0).alpha == 0.0 and StepMomentum(window=np.int64(4)).window == 4
+    assert OddsEqualBridge(tau_max=0.0, layers=(np.int64(1), 0)).layers == [1, 0]
+    assert resolve_layers(range(1, 3), tiny_bridge) == [1, 2]
+    with pytest.raises(StepflowError, match=r"layers \[30\] are outside the model, which has 3 layers \(0..2\)"):
+        resolve_layers([30], tiny_bridge)

@@ -3,6 +3,9 @@ exact against a brute-force transformers reference."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from reference import hf_attention_and_grads, pool_loop, reference_saliency
@@ -178,3 +181,56 @@ def test_trace_from_another_tokenizer_is_refused(tiny_bridge, trace):
     foreign = Trace.from_dict({**trace.to_dict(), "tokenizer_fingerprint": "someone-else"})
     with pytest.raises(TraceError):
         step_saliency(tiny_bridge, foreign)
+
+
+def _corrupt(path, **changes):
+    """Rewrite a saved map with some metadata keys or arrays changed."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    arrays = dict(np.load(path))
+    for key, value in changes.items():
+        if key in ("maps", "head_maps", "extra"):
+            arrays[key] = value
+        elif value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    if changes.get("maps") is False:
+        arrays.pop("maps")
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not False})
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def test_load_validates_what_it_reads_and_names_the_file(tiny_bridge, trace, tmp_path):
+    good = step_saliency(tiny_bridge, trace, per_head=True).save(tmp_path / "good")
+    base = StepSaliency.load(good)
+    n_layers, n_steps = base.maps.shape[0], base.n_steps
+    cases = {
+        "layers": (dict(layers=list(range(n_layers - 1))), r"layers .* must be \d+ distinct layer indices"),
+        "layer range": (dict(layers=[0] * (n_layers - 1) + [99]), r"distinct layer indices in \[0, "),
+        "kinds": (dict(step_kinds=["thinking"] * (n_steps + 1)), r"step_kinds must be \d+ of"),
+        "labels": (dict(step_labels=["S"] * (n_steps - 1)), r"step_labels must be \d+ strings"),
+        "missing key": (dict(pool=None), r"lacks the keys \['pool'\]"),
+        "dtype": (dict(maps=base.maps.numpy().astype(np.int64)), r"maps must be a float \[layer, step, step\] array"),
+        "shape": (dict(maps=base.maps.numpy()[:, :, :-1]), r"maps must be a float"),
+        "nan": (dict(maps=np.full(tuple(base.maps.shape), np.nan)), r"NaN, infinite or negative"),
+        "heads": (dict(head_maps=base.head_maps.numpy()[:, :, :-1]), r"head_maps must be a float"),
+        "no maps": (dict(maps=False), r"has no 'maps' array"),
+    }
+    for name, (changes, message) in cases.items():
+        target = tmp_path / name.replace(" ", "_")
+        StepSaliency.load(good).save(target)
+        _corrupt(target.with_suffix(".npz"), **changes)
+        with pytest.raises(StepflowError, match=rf"{target.name}\.(npz|json).*{message}|{message}") as caught:
+            StepSaliency.load(target)
+        assert target.name in str(caught.value), name
+    not_zip = tmp_path / "text.npz"
+    not_zip.write_text("hello")
+    good.with_suffix(".json").replace(not_zip.with_suffix(".json"))
+    with pytest.raises(StepflowError, match=r"text\.npz is not a readable \.npz file"):
+        StepSaliency.load(not_zip)
+    with pytest.raises(StepflowError, match=r"nothing\.json is missing"):
+        StepSaliency.load(tmp_path / "nothing")
+    good.with_suffix(".npz").unlink()
+    (tmp_path / "only.json").write_text(not_zip.with_suffix(".json").read_text())
+    with pytest.raises(StepflowError, match=r"only\.npz is missing"):
+        StepSaliency.load(tmp_path / "only")

@@ -231,7 +231,7 @@ def test_chat_conversations_and_wrong_types(tokenizer):
     prompt = render_prompt(tokenizer, Q)
     with pytest.raises(TraceError, match="output_text must be a str, got NoneType"):
         Trace.from_text(tokenizer, prompt, None)
-    with pytest.raises(TraceError, match=r"record\['output'\] must be a str, got NoneType"):
+    with pytest.raises(TraceError, match=r"'output' is null, not text; fill it in or drop the record"):
         Trace.from_record(tokenizer, {"question": Q, "output": None})
     with pytest.raises(TraceError, match=r"record\['question'\] must be a str or a chat conversation"):
         Trace.from_record(tokenizer, {"question": 7, "output": "x"})

@@ -215,3 +215,13 @@ def test_wilson_hand_value_and_errors():
     for k, n in [(-1, 5), (6, 5), (0, 0), (1.5, 3)]:
         with pytest.raises(StepflowError):
             wilson_interval(k, n)
+
+
+def test_wilson_interval_contains_its_estimate_at_zero_and_all():
+    # In floating point centre - half came out as ~1e-17 at k = 0, an interval above
+    # its own estimate that later stopped the report of a resumed study.
+    for n in range(1, 300):
+        for k in (0, n):
+            r = wilson_interval(k, n)
+            assert r.low <= r.estimate <= r.high
+        assert wilson_interval(0, n).low == 0.0 and wilson_interval(n, n).high == 1.0

@@ -3,13 +3,15 @@ maps, diagnostics and a report for a file of traces."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
+from ..errors import StepflowError
 from ..saliency import compare, diagnose, step_saliency
+from ..saliency.losses import loss_target_positions
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
 from ..viz import Report
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, prepare_out, refuse_unused
 
 
 def cmd_info(args) -> int:
@@ -23,28 +25,50 @@ def cmd_info(args) -> int:
 
 
 def cmd_saliency(args) -> int:
+    """Maps of every trace; a trace whose loss has no target (``--loss answer`` on a
+    trace without an answer) is skipped, named in ``skipped.csv``, the report and on
+    stderr, and the others are still computed and written."""
+    import pandas as pd
     from tqdm.auto import tqdm
 
+    if args.max_tokens is None:
+        refuse_unused(args, {"truncate": "--truncate"}, "without --max-tokens N",
+                      "add --max-tokens N (the length to cut to) or drop --truncate")
+    if args.limit is not None and args.limit < 1:
+        raise StepflowError(f"--limit must be >= 1, got {args.limit}")
+    out = prepare_out(args.out)
     model = load_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     traces = load_traces(args.traces, model, max_tokens=args.max_tokens, truncate=args.truncate)
+    if not traces:
+        raise StepflowError(f"{args.traces} holds no trace records; expected JSON Lines (or JSON) records with "
+                            "'question' and 'output'")
     if args.limit:
         traces = traces[: args.limit]
-    results, rows = [], []
+    results, rows, skipped = [], [], []
     for i, trace in enumerate(tqdm(traces, desc="step saliency", unit="trace")):
         trace.meta.setdefault("trace_id", i)
+        try:
+            loss_target_positions(args.loss, trace)  # cheap: the loss has something to score
+        except StepflowError as exc:
+            skipped.append({"trace": i, "record": trace.meta.get("record_index", i),
+                            "id": trace.meta.get("id", trace.meta.get("trace_id")), "reason": str(exc)})
+            continue
         result = step_saliency(model, trace, loss=args.loss, pool=args.pool, mode=args.mode)
         result.save(out / f"trace{i:04d}")
         diag = diagnose(result)
-        rows.append(diag.summary())
+        rows.append({"trace": i, "record": trace.meta.get("record_index", i), **diag.summary()})
         results.append((trace, result, diag))
-    import pandas as pd
-
-    metrics = pd.DataFrame(rows)
-    metrics.to_csv(out / "metrics.csv", index=False)
     report = Report(f"Step-Saliency of {args.traces}")
-    report.add_table(metrics, caption="Diagnostics per trace")
+    if skipped:
+        skipped_frame = pd.DataFrame(skipped)
+        skipped_frame.to_csv(out / "skipped.csv", index=False)
+        report.add_text(f"{len(skipped)} of {len(traces)} traces were skipped (loss={args.loss!r} had nothing to "
+                        "measure in them); the table below names them.", css_class="note")
+        report.add_table(skipped_frame, caption="Skipped traces")
+    metrics = pd.DataFrame(rows)
+    if results:
+        metrics.to_csv(out / "metrics.csv", index=False)
+        report.add_table(metrics, caption="Diagnostics per trace")
     labelled = [(t.meta.get("correct"), r) for t, r, _ in results]
     correct = [r for label, r in labelled if label is True]
     incorrect = [r for label, r in labelled if label is False]
@@ -55,6 +79,13 @@ def cmd_saliency(args) -> int:
     for trace, result, diag in results[: args.maps_in_report]:
         report.add_step_maps(result, title=f"trace {trace.meta['trace_id']} (correct={trace.meta.get('correct')})")
     path = report.save(out / "report.html")
+    if skipped:
+        records = ", ".join(str(s["record"]) for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        print(f"stepflow-tl: skipped {len(skipped)} of {len(traces)} traces (records {records}): "
+              f"{skipped[0]['reason']}; all are listed in {out / 'skipped.csv'}", file=sys.stderr)
+    if not results:
+        raise StepflowError(f"no trace of {args.traces} could be measured with --loss {args.loss}; "
+                            f"see {out / 'skipped.csv'} (try --loss sequence)")
     print(f"wrote {len(results)} maps, {out / 'metrics.csv'} and {path}")
     return 0
 

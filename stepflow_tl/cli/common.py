@@ -1,14 +1,22 @@
 """What every command shares: the model arguments, loading the model from them, layer
-specs, and turning a `StepflowError` into one line on stderr."""
+specs, the output directory, refusing flags that cannot act, and turning a user error
+(a `StepflowError`, or an OS error about a named file) into one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from ..errors import StepflowError
+from ..interventions.base import BANDS
 from ..tl.models import BACKENDS, DTYPES, load_model
+
+# What --sample/--do-sample use when --temperature/--top-p/--seed are not given (the paper's decoding).
+SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "seed": 0}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +37,7 @@ def load_from_args(args):
 
 def parse_layers(text: str):
     """A layer spec from the command line: a band name, ``"3"``, ``"0,2,5"`` or ``"0-6"``."""
-    if text in ("bottom_quarter", "top_quarter", "all"):
+    if text in BANDS:
         return text
     layers = []
     for part in text.split(","):
@@ -43,10 +51,57 @@ def parse_layers(text: str):
     return layers
 
 
+def prepare_out(path, flag: str = "--out") -> Path:
+    """Create the output directory ``path`` and check that it can be written, before any
+    model is loaded, so a wrong ``--out`` costs nothing."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise StepflowError(f"{flag} {out} is an existing file, not a directory; give a directory "
+                            "(it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".stepflow-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StepflowError(f"{flag} {out} is not writable ({e.strerror or e}); choose a directory you can "
+                            "write to") from None
+    return out
+
+
+def refuse_unused(args, flags, condition: str, fix: str) -> None:
+    """Raise naming the flags of ``flags`` (``{dest: "--flag"}``) that were given although
+    they have no effect under ``condition``, instead of silently ignoring them."""
+    given = [flag for dest, flag in flags.items() if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise StepflowError(f"{' and '.join(given)} {'has' if len(given) == 1 else 'have'} no effect {condition}; {fix}")
+
+
+_OS_HINTS = {
+    errno.EACCES: "choose a location you can write to (e.g. another --out)",
+    errno.EPERM: "choose a location you can write to (e.g. another --out)",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.ENOSPC: "free some disk space and rerun (a study resumes from its finished items)",
+    errno.EDQUOT: "free some disk quota and rerun (a study resumes from its finished items)",
+    errno.EEXIST: "choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EISDIR: "that is a directory; give a file path",
+    errno.ENOENT: "check that the path exists",
+}
+
+
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run one command; bad input is one line on stderr and exit status 2."""
+    """Run a subcommand: a user error (a `StepflowError`, or an OS error about a named
+    file: permissions, a full disk, a path that is a file) becomes one line on stderr
+    and exit code 2; anything else is a bug and keeps its traceback."""
     try:
         return func(args)
     except StepflowError as exc:
         print(f"stepflow-tl: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        hint = _OS_HINTS.get(exc.errno, "check the path")
+        print(f"stepflow-tl: error: {exc.filename}: {exc.strerror or exc}; {hint}", file=sys.stderr)
         return 2

@@ -4,26 +4,57 @@ from __future__ import annotations
 
 import json
 
-from ..interventions import OddsEqualBridge, StepFlow, StepMomentum, generate
+from ..errors import StepflowError
+from ..interventions import OddsEqualBridge, StepFlow, StepMomentum, generate, resolve_layers
 from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
-from .common import add_model_args, load_from_args, parse_layers
+from .common import SAMPLING_DEFAULTS, add_model_args, load_from_args, parse_layers, refuse_unused
 
 
 def interventions_from_args(args) -> list:
-    oeb = OddsEqualBridge(layers=args.oeb, tau_max=args.tau_max) if args.oeb is not None else None
-    smi = StepMomentum(layers=args.smi, alpha=args.alpha, beta=args.beta) if args.smi is not None else None
+    """The interventions of ``stepflow-tl generate``. ``--stepflow`` is OEB and SMI with
+    the paper's defaults; ``--oeb``/``--smi`` pick layers (alone, or inside
+    ``--stepflow``); ``--tau-max`` tunes whichever OEB runs and ``--alpha``/``--beta``
+    whichever SMI runs. A value without an intervention it could tune is refused."""
+    with_oeb = args.stepflow or args.oeb is not None
+    with_smi = args.stepflow or args.smi is not None
+    if not with_oeb:
+        refuse_unused(args, {"tau_max": "--tau-max"}, "without --oeb LAYERS or --stepflow, which run the Odds-Equal "
+                      "Bridge", "add one of them or drop the flag")
+    if not with_smi:
+        refuse_unused(args, {"alpha": "--alpha", "beta": "--beta"}, "without --smi LAYERS or --stepflow, which run Step "
+                      "Momentum Injection", "add one of them or drop the flag")
+
+    def build(cls, flags, **given):
+        try:
+            return cls(**{k: v for k, v in given.items() if v is not None})
+        except StepflowError as exc:
+            raise StepflowError(f"{flags}: {exc}") from None
+
+    oeb = build(OddsEqualBridge, "--oeb/--tau-max", layers=args.oeb, tau_max=args.tau_max) if with_oeb else None
+    smi = (build(StepMomentum, "--smi/--alpha/--beta", layers=args.smi, alpha=args.alpha, beta=args.beta)
+           if with_smi else None)
     if args.stepflow:
         return [StepFlow(oeb=oeb, smi=smi)]
     return [i for i in (oeb, smi) if i is not None]
 
 
 def cmd_generate(args) -> int:
+    if not args.sample:
+        refuse_unused(args, {"temperature": "--temperature", "top_p": "--top-p", "seed": "--seed"},
+                      "without --sample (greedy decoding draws nothing)", "add --sample or drop the flag")
+    interventions = interventions_from_args(args)  # before loading, so a bad flag costs nothing
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     model = load_from_args(args)
-    interventions = interventions_from_args(args)
+    for iv in [p for i in interventions for p in getattr(i, "parts", lambda: [i])()]:
+        flag = "--oeb" if isinstance(iv, OddsEqualBridge) else "--smi"
+        try:
+            resolve_layers(iv.layers, model)
+        except StepflowError as exc:
+            raise StepflowError(f"{flag} {getattr(args, flag[2:]) or iv.layers}: {exc}") from None
     (result,) = generate(
         model, [args.prompt], max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         interventions=interventions, format=args.format, chat=not args.raw, split=args.split,
+        **{**SAMPLING_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}},
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -48,21 +79,26 @@ def add_commands(sub) -> None:
     add_model_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy")
-    gen.add_argument("--temperature", type=float, default=0.6)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help=f"with --sample (default {SAMPLING_DEFAULTS['temperature']})")
+    gen.add_argument("--top-p", type=float, default=None, help=f"with --sample (default {SAMPLING_DEFAULTS['top_p']})")
+    gen.add_argument("--seed", type=int, default=None, help="with --sample (default 0)")
     gen.add_argument("--format", choices=FORMAT_CHOICES, default="auto")
     gen.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
                      help="how the output is cut into steps (auto: lines for the plain format, else blank_lines)")
     gen.add_argument("--raw", action="store_true", help="the prompt is already rendered text")
     gen.add_argument("--stepflow", action="store_true",
-                     help="OEB + SMI with the paper's defaults (--oeb/--smi override their layers)")
+                     help="OEB + SMI with the paper's defaults (--oeb/--smi set their layers, --tau-max/--alpha/"
+                     "--beta their strengths)")
     gen.add_argument("--oeb", type=parse_layers, default=None, metavar="LAYERS",
                      help="Odds-Equal Bridge on these layers (bottom_quarter, 0-6, 0,1,2)")
-    gen.add_argument("--tau-max", type=float, default=0.15)
+    gen.add_argument("--tau-max", type=float, default=None,
+                     help="cap of the bridge target, in [0, 1) (default 0.15); with --oeb or --stepflow")
     gen.add_argument("--smi", type=parse_layers, default=None, metavar="LAYERS",
                      help="Step Momentum Injection on these layers (top_quarter, 23-29, ...)")
-    gen.add_argument("--alpha", type=float, default=0.06)
-    gen.add_argument("--beta", type=float, default=0.0)
+    gen.add_argument("--alpha", type=float, default=None,
+                     help="injection strength, any finite number (default 0.06); with --smi or --stepflow")
+    gen.add_argument("--beta", type=float, default=None,
+                     help="momentum decay over steps, in [0, 1) (default 0); with --smi or --stepflow")
     gen.add_argument("--json", action="store_true", help="print the result (text, trace, events) as JSON")
     gen.set_defaults(func=cmd_generate)

@@ -23,8 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "model_name", None) is not None:
+        if args.model is not None and args.model != args.model_name:
+            parser.error(f"info got two models, {args.model_name!r} and --model {args.model!r}; give one")
         args.model = args.model_name
     return run_command(args.func, args)
 

@@ -17,9 +17,10 @@ from ..study import (
     evaluate,
     load_problems,
 )
+from ..study.conditions import resolve_conditions
 from ..study.demo import honesty_note, run_demo
 from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
-from .common import add_model_args, load_from_args
+from .common import SAMPLING_DEFAULTS, add_model_args, load_from_args, prepare_out, refuse_unused
 
 
 def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
@@ -29,16 +30,16 @@ def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
     add_model_args(parser)
     parser.add_argument("--conditions", default=",".join(default_conditions),
                         help=f"comma-separated names from: {', '.join(CONDITIONS)}")
-    parser.add_argument("--levels", default="1,2,3", help="built-in suite levels (comma-separated)")
-    parser.add_argument("--n-per-level", type=int, default=10, help="built-in suite problems per level")
-    parser.add_argument("--suite-seed", type=int, default=0)
+    parser.add_argument("--levels", default=None, help="built-in suite levels, comma-separated (default 1,2,3)")
+    parser.add_argument("--n-per-level", type=int, default=None, help="built-in suite problems per level (default 10)")
+    parser.add_argument("--suite-seed", type=int, default=None, help="built-in suite seed (default 0)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--do-sample", action="store_true", help="nucleus sampling instead of greedy")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=None, help="with --do-sample (default 0.95)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prompt-style", choices=("chat", "r1"), default="chat")
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto")
@@ -65,13 +66,20 @@ def add_ablate_arguments(parser) -> None:
 
 def problems_from_args(args) -> List[Problem]:
     """The problems named on the command line."""
+    if args.limit is not None and args.limit < 1:
+        raise StepflowError(f"--limit must be >= 1, got {args.limit}")
     if args.problems == "builtin":
+        text = "1,2,3" if args.levels is None else args.levels
         try:
-            levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
+            levels = tuple(int(x) for x in text.split(",") if x.strip())
         except ValueError:
-            raise StepflowError(f"--levels must be comma-separated integers, got {args.levels!r}") from None
-        problems = builtin_suite(n_per_level=args.n_per_level, levels=levels, seed=args.suite_seed)
+            raise StepflowError(f"--levels must be comma-separated integers, got {text!r}") from None
+        problems = builtin_suite(n_per_level=10 if args.n_per_level is None else args.n_per_level, levels=levels,
+                                 seed=0 if args.suite_seed is None else args.suite_seed)
     else:
+        refuse_unused(args, {"levels": "--levels", "n_per_level": "--n-per-level", "suite_seed": "--suite-seed"},
+                      f"with a problem file ({args.problems}); they choose built-in problems",
+                      "drop the flag, or pass 'builtin' instead of the file")
         problems = load_problems(args.problems)
     return problems[: args.limit] if args.limit else problems
 
@@ -79,18 +87,28 @@ def problems_from_args(args) -> List[Problem]:
 def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> StudyResult:
     """Load the model (per process under accelerate), run the study, and on the main
     process write report.html and the CSV files into ``args.out``."""
+    if not args.do_sample:
+        refuse_unused(args, {"temperature": "--temperature", "top_p": "--top-p"},
+                      "without --do-sample (greedy decoding draws nothing)", "add --do-sample or drop the flag")
+        if args.samples > 1:
+            # Greedy copies of one output would count as independent items in the intervals.
+            raise StepflowError(f"--samples {args.samples} without --do-sample repeats the same greedy output "
+                                f"{args.samples} times and would shrink every interval; add --do-sample or drop it")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device is None:
         from accelerate import PartialState
 
         args.device = str(PartialState().device)
-    out = Path(args.out)
+    out = prepare_out(args.out)
     results = Path(args.results) if args.results else out / "results.jsonl"
     problems = problems_from_args(args)
+    resolve_conditions(args.conditions)  # a misspelt condition is refused before the model loads
     model = load_from_args(args)
     result = evaluate(
         model, problems, conditions=args.conditions, samples=args.samples, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-        top_p=args.top_p, batch_size=args.batch_size, results_path=results, progress=not args.no_progress,
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        temperature=SAMPLING_DEFAULTS["temperature"] if args.temperature is None else args.temperature,
+        top_p=SAMPLING_DEFAULTS["top_p"] if args.top_p is None else args.top_p,
+        batch_size=args.batch_size, results_path=results, progress=not args.no_progress,
         saliency=True if args.saliency < 0 else args.saliency, prompt_style=args.prompt_style, format=args.format,
         split=args.split,
     )
@@ -128,6 +146,7 @@ def add_demo_arguments(parser) -> None:
 
 def run_demo_cli(args) -> int:
     """``stepflow-tl demo``: run, then print where the report is and the headline numbers."""
+    prepare_out(args.out)
     result, report, seconds = run_demo(args.out, quick=args.quick, model_name=args.model,
                                        progress=not args.no_progress)
     n = result.config["n_problems"]

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from ..errors import StepflowError
+from ..errors import StepflowError, check_int
 from ..saliency.diagnostics import band_layers
 from ..tl.adapter import adapter
 from ..tl.hooks import temporary_hooks
@@ -21,6 +21,33 @@ LayerSpec = Union[str, int, Sequence[int], range]
 
 
 # --------------------------------------------------------------------------- layers
+BANDS = ("bottom_quarter", "top_quarter", "all")
+
+
+def check_layer_spec(spec: LayerSpec, name: str = "layers") -> LayerSpec:
+    """``spec`` checked without a model (interventions call it at construction): a band
+    name from `BANDS`, a layer index >= 0, a range, or a non-empty list of indices.
+    Returns it with numpy integers made ints; ``[1.5]`` and ``[True]`` are refused
+    rather than read as layer 1."""
+    if isinstance(spec, str):
+        if spec not in BANDS:
+            raise StepflowError(f"unknown layer band {spec!r} for {name}; expected one of {list(BANDS)}, "
+                                "a layer index, a list or a range")
+        return spec
+    if isinstance(spec, range):
+        if not len(spec) or min(spec) < 0:
+            raise StepflowError(f"{name} must be a non-empty range of layers >= 0, got {spec!r}")
+        return spec
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise StepflowError(f"{name} selects no layer (an empty list)")
+        return [check_int(f"{name}[{i}]", layer, low=0) for i, layer in enumerate(spec)]
+    if not hasattr(spec, "__index__"):
+        raise StepflowError(f"{name} must be a band name {list(BANDS)}, a layer index, a list or a range of "
+                            f"layer indices, got {spec!r}")
+    return check_int(name, spec, low=0)
+
+
 def resolve_layers(spec: LayerSpec, model) -> List[int]:
     """Model layer indices from a spec.
 
@@ -31,27 +58,17 @@ def resolve_layers(spec: LayerSpec, model) -> List[int]:
     an int, a list or a range are taken as they are.
 
     Raises:
-        ValueError: for an unknown band name or a layer outside the model.
+        StepflowError: for a spec `check_layer_spec` refuses or a layer outside the model.
     """
+    spec = check_layer_spec(spec)
     a = adapter(model)
     if isinstance(spec, str):
         quarters = band_layers(a.n_layers)
-        bands = {
-            "bottom_quarter": quarters["shallow"],
-            "top_quarter": quarters["deep"],
-            "all": range(a.n_layers),
-        }
-        if spec not in bands:
-            raise StepflowError(
-                f"unknown layer band {spec!r}; expected one of {sorted(bands)}, an int, a list or a range"
-            )
-        spec = bands[spec]
+        spec = {"bottom_quarter": quarters["shallow"], "top_quarter": quarters["deep"],
+                "all": range(a.n_layers)}[spec]
     elif isinstance(spec, int):
         spec = [spec]
-    layers = a.check_layers(list(spec))
-    if not layers:
-        raise StepflowError("the layer spec selects no layer")
-    return sorted(set(layers))
+    return sorted(set(a.check_layers(list(spec))))
 
 
 # --------------------------------------------------------------------------- events

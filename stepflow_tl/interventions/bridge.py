@@ -9,13 +9,14 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import StepflowError
+from ..errors import StepflowError, check_bool, check_int, check_real
 from ..tl.adapter import adapter, attn_hook
 from .base import (
     Intervention,
     InterventionRun,
     LayerSpec,
     PerStateCache,
+    check_layer_spec,
     hash_normal,
     hash_uniform,
     resolve_layers,
@@ -149,13 +150,15 @@ class _AttentionIntervention(Intervention):
 
     def __init__(self, layers: LayerSpec = "bottom_quarter", tau_max: float = 0.15,
                  sink_positions: Sequence[int] = (), during_prefill: bool = False, seed: int = 0):
-        if not 0.0 <= tau_max < 1.0:
-            raise StepflowError(f"tau_max must be in [0, 1), got {tau_max}")
-        self.layers = layers
-        self.tau_max = float(tau_max)
-        self.sink_positions = tuple(int(p) for p in sink_positions)
-        self.during_prefill = bool(during_prefill)
-        self.seed = int(seed)
+        who = type(self).__name__
+        self.layers = check_layer_spec(layers, f"{who}: layers")
+        self.tau_max = check_real(f"{who}: tau_max", tau_max, low=0.0, high=1.0, high_open=True)
+        if isinstance(sink_positions, (str, bytes)) or not hasattr(sink_positions, "__iter__"):
+            raise StepflowError(f"{who}: sink_positions must be a sequence of positions >= 0, got {sink_positions!r}")
+        self.sink_positions = tuple(check_int(f"{who}: sink_positions[{i}]", p, low=0)
+                                    for i, p in enumerate(sink_positions))
+        self.during_prefill = check_bool(f"{who}: during_prefill", during_prefill)
+        self.seed = check_int(f"{who}: seed", seed)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={self.layers!r}, tau_max={self.tau_max}, "
@@ -267,7 +270,7 @@ class MatchedLogitNoise(_AttentionIntervention):
 
     def __init__(self, *args, n_steps: int = 40, **kwargs):
         super().__init__(*args, **kwargs)
-        self.n_steps = int(n_steps)
+        self.n_steps = check_int("MatchedLogitNoise: n_steps", n_steps, low=1)
 
     def edit(self, run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos):
         st = run.state

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ..errors import StepflowError
+from ..errors import StepflowError, check_int, check_real
 from ..tl.adapter import adapter, pad_token_ids, tokenizer_of
 from ..traces.formats import QUESTION_TYPE, conversation, decode, find_question, render_prompt, resolve_format, resolve_split
 from ..traces.trace import Trace, TraceWarning
@@ -230,10 +230,10 @@ def generate(
     prompts = _prompt_list(prompts)
     if not prompts:
         raise StepflowError("no prompts given")
-    if max_new_tokens < 1:
-        raise StepflowError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-        raise StepflowError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+    seed = check_int("seed", seed)
+    temperature = check_real("temperature", temperature, low=0.0, low_open=True)
+    top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
     a = adapter(model)
     tok = tokenizer_of(model)
     device = a.device

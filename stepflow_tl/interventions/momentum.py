@@ -7,9 +7,11 @@ from typing import Dict, Optional
 
 import torch
 
-from ..errors import StepflowError
+from ..errors import StepflowError, check_bool, check_int, check_real
 from ..tl.adapter import adapter, attn_hook
-from .base import Intervention, InterventionRun, LayerSpec, PerStateCache, hash_normal, resolve_layers
+from .base import (
+    Intervention, InterventionRun, LayerSpec, PerStateCache, check_layer_spec, hash_normal, resolve_layers,
+)
 from .state import THINKING, StepState
 
 
@@ -42,19 +44,18 @@ class StepMomentum(Intervention):
     def __init__(self, layers: LayerSpec = "top_quarter", alpha: float = 0.06, beta: float = 0.0,
                  window: Optional[int] = None, inject: str = "first", during_prefill: bool = False,
                  seed: int = 0):
+        who = type(self).__name__
         if inject != "first":
-            raise StepflowError(f"inject must be 'first' (the first token of the new step), got {inject!r}")
-        if not 0.0 <= beta < 1.0:
-            raise StepflowError(f"beta must be in [0, 1), got {beta}")
-        if window is not None and int(window) < 1:
-            raise StepflowError(f"window must be a positive number of tokens or None, got {window}")
-        self.layers = layers
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.window = None if window is None else int(window)
+            raise StepflowError(f"{who}: inject must be 'first' (the first token of the new step), got {inject!r}")
+        self.layers = check_layer_spec(layers, f"{who}: layers")
+        # Any finite alpha: 0 injects nothing, a negative one pushes away from the
+        # previous step (an ablation; the paper uses 0.06).
+        self.alpha = check_real(f"{who}: alpha", alpha)
+        self.beta = check_real(f"{who}: beta", beta, low=0.0, high=1.0, high_open=True)
+        self.window = None if window is None else check_int(f"{who}: window (tokens, or None)", window, low=1)
         self.inject = inject
-        self.during_prefill = bool(during_prefill)
-        self.seed = int(seed)
+        self.during_prefill = check_bool(f"{who}: during_prefill", during_prefill)
+        self.seed = check_int(f"{who}: seed", seed)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={self.layers!r}, alpha={self.alpha}, beta={self.beta}, "

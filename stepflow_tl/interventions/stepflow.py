@@ -33,6 +33,11 @@ class StepFlow(Intervention):
         tau_max: Optional[float] = None,
         alpha: Optional[float] = None,
     ):
+        for part_name, part in (("oeb", oeb), ("smi", smi)):
+            if part is not None and not isinstance(part, Intervention):
+                raise StepflowError(f"StepFlow: {part_name} must be an Intervention (e.g. "
+                                    f"{'OddsEqualBridge' if part_name == 'oeb' else 'StepMomentum'}(...)) or None "
+                                    f"for the paper's default, got {type(part).__name__}")
         if oeb is not None and tau_max is not None:
             raise StepflowError("give tau_max either directly or inside oeb=OddsEqualBridge(tau_max=...), not both")
         if smi is not None and alpha is not None:

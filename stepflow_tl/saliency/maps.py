@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 
 from ..errors import StepflowError
+from ..traces.formats import STEP_KINDS
 from ..viz.report import save_result_html
 from ..viz.stepmaps import StepMapsView, step_maps_view
 from .diagnostics import Diagnostics, diagnose
@@ -117,15 +118,39 @@ class StepSaliency:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "StepSaliency":
+        """Read what `save` wrote, checking that it is one consistent map: shapes, layer
+        indices, step kinds and labels, dtypes and finite non-negative values. Anything
+        else is a `StepflowError` naming the file, not NaN diagnostics later."""
+        import zipfile
+
         path = Path(path).with_suffix(".npz")
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise StepflowError(f"{path}: unknown format version {meta.get('format_version')}")
-        with np.load(path, allow_pickle=False) as data:
-            maps = torch.from_numpy(data["maps"].copy())
-            head_maps = torch.from_numpy(data["head_maps"].copy()) if "head_maps" in data else None
+        meta_path = path.with_suffix(".json")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StepflowError(f"{meta_path} is missing (StepSaliency.save writes .npz and .json side by side)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StepflowError(f"{meta_path} is not a readable StepSaliency metadata file ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
+            raise StepflowError(f"{meta_path}: unknown format version "
+                                f"{meta.get('format_version') if isinstance(meta, dict) else None}")
+        missing = [k for k in ("layers", "n_model_layers", "step_kinds", "step_labels", "map_kind", "pool", "loss",
+                               "meta") if k not in meta]
+        if missing:
+            raise StepflowError(f"{meta_path} lacks the keys {missing}; not written by StepSaliency.save?")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "maps" not in data:
+                    raise StepflowError(f"{path} has no 'maps' array (has {sorted(data.files)})")
+                maps = data["maps"].copy()
+                head_maps = data["head_maps"].copy() if "head_maps" in data else None
+        except FileNotFoundError:
+            raise StepflowError(f"{path} is missing (StepSaliency.save writes .npz and .json side by side)") from None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise StepflowError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+        _check_loaded(path, meta, maps, head_maps)
         return cls(
-            maps=maps,
+            maps=torch.from_numpy(maps),
             layers=meta["layers"],
             n_model_layers=meta["n_model_layers"],
             step_kinds=meta["step_kinds"],
@@ -133,7 +158,7 @@ class StepSaliency:
             map_kind=meta["map_kind"],
             pool=meta["pool"],
             loss=meta["loss"],
-            head_maps=head_maps,
+            head_maps=None if head_maps is None else torch.from_numpy(head_maps),
             meta=meta["meta"],
         )
 
@@ -151,3 +176,36 @@ class StepSaliency:
         ``circuitsvis`` ``RenderedHTML`` whose page inlines the installed circuitsvis
         bundle, so it displays offline (`stepflow_tl.viz.stepmaps.step_maps_view`)."""
         return step_maps_view(self, row_normalise=row_normalise)
+
+
+def _check_loaded(path: Path, meta: dict, maps: np.ndarray, head_maps: Optional[np.ndarray]) -> None:
+    """Raise `StepflowError` naming ``path`` unless the arrays and metadata of a saved
+    `StepSaliency` agree with each other."""
+    def bad(what: str):
+        raise StepflowError(f"{path}: {what}; the file is damaged or was not written by StepSaliency.save")
+
+    if maps.dtype.kind != "f" or maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
+        bad(f"maps must be a float [layer, step, step] array, got {maps.dtype} {maps.shape}")
+    n_layers, n_steps = maps.shape[0], maps.shape[1]
+    if not np.isfinite(maps).all() or (maps < 0).any():
+        bad("maps hold NaN, infinite or negative values")
+    layers, n_model = meta["layers"], meta["n_model_layers"]
+    if not isinstance(n_model, int) or isinstance(n_model, bool) or n_model < 1:
+        bad(f"n_model_layers must be a positive integer, got {n_model!r}")
+    if (not isinstance(layers, list) or len(layers) != n_layers or len(set(map(str, layers))) != len(layers)
+            or not all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < n_model for l in layers)):
+        bad(f"layers {layers!r} must be {n_layers} distinct layer indices in [0, {n_model}) (one per map)")
+    kinds, labels = meta["step_kinds"], meta["step_labels"]
+    if not isinstance(kinds, list) or len(kinds) != n_steps or not set(kinds) <= set(STEP_KINDS):
+        bad(f"step_kinds must be {n_steps} of {'/'.join(STEP_KINDS)} (one per step), got {kinds!r:.120}")
+    if not isinstance(labels, list) or len(labels) != n_steps or not all(isinstance(s, str) for s in labels):
+        bad(f"step_labels must be {n_steps} strings (one per step), got {len(labels) if isinstance(labels, list) else labels!r}")
+    for key in ("map_kind", "pool", "loss"):
+        if not isinstance(meta[key], str):
+            bad(f"{key} must be a string, got {meta[key]!r}")
+    if not isinstance(meta["meta"], dict):
+        bad(f"meta must be a JSON object, got {type(meta['meta']).__name__}")
+    if head_maps is not None and (head_maps.dtype.kind != "f" or head_maps.ndim != 4
+                                  or head_maps.shape[0] != n_layers or head_maps.shape[2:] != (n_steps, n_steps)):
+        bad(f"head_maps must be a float [{n_layers}, head, {n_steps}, {n_steps}] array, got {head_maps.dtype} "
+            f"{head_maps.shape}")

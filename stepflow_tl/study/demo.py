@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
+from ..errors import StepflowError, check_int
 from ..tl.models import load_model
+from .conditions import CONDITIONS
 from .problems import builtin_suite
 from .run import evaluate
 
@@ -32,6 +34,19 @@ class DemoConfig:
     batch_size: int = 9
     saliency: int = 1
     seed: int = 0
+
+    def __post_init__(self):
+        if not self.levels or not self.conditions:
+            raise StepflowError("DemoConfig needs at least one level and one condition")
+        for i, level in enumerate(self.levels):
+            check_int(f"DemoConfig.levels[{i}]", level, low=1)
+        unknown = [c for c in self.conditions if c not in CONDITIONS]
+        if unknown:
+            raise StepflowError(f"DemoConfig.conditions: unknown {unknown}; expected names from {sorted(CONDITIONS)}")
+        for name in ("n_per_level", "max_new_tokens", "batch_size"):
+            check_int(f"DemoConfig.{name}", getattr(self, name), low=1)
+        check_int("DemoConfig.saliency", self.saliency, low=0)
+        check_int("DemoConfig.seed", self.seed)
 
 
 FULL = DemoConfig()

@@ -10,6 +10,7 @@ generates seeded multi-step word problems whose difficulty is the number of chai
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -19,8 +20,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from ..errors import StepflowError
-from ..traces.records import read_json_records
+from ..errors import StepflowError, check_int
+from ..traces.records import read_json_records, read_text
 
 KINDS = ("math", "choice", "integer")
 LETTERS = "ABCDEFGHIJ"
@@ -155,8 +156,7 @@ def _read_rows(path: Path) -> Iterable[dict]:
         return read_json_records(path)
     if suffix == ".csv":
         # Every cell as a string: AIME golds like "042" and ids must not become numbers.
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if suffix in (".parquet", ".pq"):
         return _read_parquet(path)
     raise StepflowError(
@@ -171,7 +171,10 @@ def _read_parquet(path: Path) -> list[dict]:
         raise StepflowError(f"{path}: reading Parquet needs pyarrow; run `pip install pyarrow`") from None
     import pandas as pd
 
-    frame = pd.read_parquet(path)
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise StepflowError(f"{path} is not a readable Parquet file ({e}); check the file") from None
     return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
 
 
@@ -380,6 +383,14 @@ class SuiteConfig:
         missing = [op for op in self.operations if not self.templates.get(op)]
         if missing:
             raise StepflowError(f"SuiteConfig.templates has no template for {missing}")
+        check_int("SuiteConfig.max_value", self.max_value, low=1)
+        for name in ("start_range", "operand_range", "factors"):
+            values = getattr(self, name)
+            if not isinstance(values, (tuple, list)) or (name != "factors" and len(values) != 2):
+                raise StepflowError(f"SuiteConfig.{name} must be a tuple of integers"
+                                    f"{' (lo, hi)' if name != 'factors' else ''}, got {values!r}")
+            for i, v in enumerate(values):
+                check_int(f"SuiteConfig.{name}[{i}]", v)
         lo, hi = self.start_range
         if not 1 <= lo <= hi <= self.max_value:
             raise StepflowError(
@@ -408,8 +419,7 @@ def builtin_suite(
     unique within a suite.
     """
     config = config or SuiteConfig()
-    if n_per_level < 1:
-        raise StepflowError(f"n_per_level must be >= 1, got {n_per_level}")
+    n_per_level = check_int("n_per_level", n_per_level, low=1)
     if not levels or any(not isinstance(k, int) or k < 1 for k in levels):
         raise StepflowError(f"levels must be positive integers, got {levels!r}")
     problems = []

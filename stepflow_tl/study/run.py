@@ -2,7 +2,7 @@
 
 `evaluate(model, problems, conditions=...)` generates every (problem, condition, sample)
 with `stepflow_tl.interventions.generate`, grades it, and appends one JSON line per finished
-item to ``results_path``. Every condition sees the same problems and, for a given
+item to ``results_path``, which it locks for the whole run (one writer per file). Every condition sees the same problems and, for a given
 (problem, sample), the same seed whatever the batch it runs in, so the comparison with
 the baseline is paired. `ablate` runs the full grid of docs/method.md (ablations).
 
@@ -13,6 +13,7 @@ process merges the shards into ``results_path`` at the end. See ``docs/study.md`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,9 +24,10 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import pandas as pd
 
-from ..errors import StepflowError
+from ..errors import StepflowError, check_bool, check_int, check_real
 from ..interventions.generate import generate, row_seed, seed_for_rows
 from ..saliency.compute import step_saliency
+from ..saliency.losses import LOSSES
 from ..saliency.maps import StepSaliency
 from ..tl.adapter import adapter, tokenizer_of
 from ..traces.formats import SPLIT_CHOICES, render_prompt, resolve_format, resolve_split
@@ -37,6 +39,7 @@ from .results import (
     ITEM_COLUMNS,
     ResultsFile,
     check_config,
+    check_items_in_study,
     merge_shards,
     read_results,
     shard_path,
@@ -58,14 +61,31 @@ def _problem_fingerprint(problems: Sequence[Problem]) -> str:
     return h.hexdigest()[:16]
 
 
+def _software() -> Dict[str, str]:
+    """Versions of the packages whose numerics decide a generated token."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("stepflow_tl", "torch", "transformers", "transformer_lens"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def study_config(model, problems, conditions: Dict[str, list], **settings) -> dict:
     """The JSON-safe description of a study that decides whether a results file can be
-    resumed (batch size and process count are not part of it)."""
+    resumed (batch size, device and process count are not part of it). It names the
+    model's dtype and the versions of torch, transformers and TransformerLens, so items
+    made by other numerics are never mixed into one paired comparison."""
     a = adapter(model)
     cfg = getattr(model, "cfg", None)
     return {
         "model": str(getattr(cfg, "model_name", type(model).__name__)),
         "model_shape": [a.n_layers, a.n_heads, a.n_kv_heads, a.d_model],
+        "dtype": str(a.dtype).removeprefix("torch."),
+        "software": _software(),
         "n_problems": len(problems),
         "problems_sha": _problem_fingerprint(problems),
         "conditions": {name: [describe(iv) for iv in ivs] for name, ivs in conditions.items()},
@@ -95,11 +115,21 @@ def _runs(indices: List[int], batch_size: int) -> List[List[int]]:
     return batches
 
 
+def safe_file_name(raw: str, keep: int = 48) -> str:
+    """A portable file name for ``raw``: up to ``keep`` of its ASCII letters, digits,
+    ``-`` and ``_`` (anything else becomes ``_``), then 10 hex digits of the SHA-256 of
+    the raw text. Ids that sanitise alike (``p/1`` and ``p_1``, or ``P1`` and ``p1`` on a
+    case-insensitive disk) keep apart; ``/``, ``..`` and 300-character ids stay one
+    short name inside the directory."""
+    readable = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in raw)[:keep]
+    return f"{readable}-{hashlib.sha256(raw.encode('utf-8')).hexdigest()[:10]}"
+
+
 def _saliency_path(results_path: Optional[Path], condition: str, problem_id: str, sample: int) -> Optional[Path]:
     if results_path is None:
         return None
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in problem_id)
-    return results_path.parent / f"{results_path.stem}.saliency" / condition / f"{safe}__s{sample}.npz"
+    return (results_path.parent / f"{results_path.stem}.saliency" / safe_file_name(condition)
+            / f"{safe_file_name(problem_id)}__s{sample}.npz")
 
 
 def _distributed_state():
@@ -163,7 +193,9 @@ def evaluate(
         `StudyResult` of every finished item (all of them, merged over processes).
 
     Raises:
-        StepflowError: bad arguments, or ``results_path`` written with another config.
+        StepflowError: bad arguments; ``results_path`` written with another config,
+            holding duplicated or foreign items, or being written by another run (its
+            `RunLock` is held; see ``docs/reliability.md``).
     """
     problems = list(problems)
     if not problems:
@@ -173,11 +205,16 @@ def evaluate(
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         raise StepflowError("problem ids must be unique")
-    if samples < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise StepflowError(f"samples, batch_size and max_new_tokens must be >= 1; got {samples}, "
-                            f"{batch_size}, {max_new_tokens}")
-    if not isinstance(saliency, (bool, int)) or saliency is not True and saliency < 0:
-        raise StepflowError(f"saliency must be True/False or a number of maps >= 0, got {saliency!r}")
+    samples, batch_size, max_new_tokens = (check_int(name, value, low=1) for name, value in (
+        ("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)))
+    seed = check_int("seed", seed)
+    do_sample = check_bool("do_sample", do_sample)
+    temperature = check_real("temperature", temperature, low=0.0, low_open=True)
+    top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if saliency is not True and saliency is not False:
+        saliency = check_int("saliency (True, False or a number of maps >= 0)", saliency, low=0)
+    if saliency_loss not in LOSSES:
+        raise StepflowError(f"saliency_loss must be one of {list(LOSSES)}, got {saliency_loss!r}")
     conds = resolve_conditions(conditions)
     if split not in SPLIT_CHOICES:
         raise StepflowError(f"split must be one of {SPLIT_CHOICES} (a study records it by name), got {split!r}")
@@ -197,46 +234,49 @@ def evaluate(
     if world > 1 and path is None:
         raise StepflowError("a multi-process run needs results_path (each process writes a shard next to it)")
 
-    # The main file first (the main process creates or checks it), then every process
-    # reads what is done in it and in any shard left by an earlier run.
-    if rank == 0 and path is not None:
-        ResultsFile.open(path, config).close()
-    if state:
-        state.wait_for_everyone()
-    done: Dict[tuple, dict] = {}
-    if path is not None:
-        for source in [path] + [s for s in shards(path) if world == 1 or s != shard_path(path, rank, world)]:
-            header, recs = read_results(source, tolerate_partial=source != path)
-            if header is not None:
-                check_config(source, header, config)
-            for r in recs:
+    with contextlib.ExitStack() as held:
+        # The main process locks the results file for the whole run, before anyone reads
+        # what is done, so a second study on the same file is refused instead of running
+        # every item again; in a multi-process run each process also locks its shard.
+        main_store = held.enter_context(ResultsFile.open(path, config)) if rank == 0 and path is not None else None
+        if state:
+            state.wait_for_everyone()
+        done: Dict[tuple, dict] = {}
+        if path is not None:
+            own = shard_path(path, rank, world) if world > 1 else None
+            for source in [path] + [s for s in shards(path) if s != own]:
+                header, recs = read_results(source, tolerate_partial=source != path)
+                if header is not None:
+                    check_config(source, header, config)
+                check_items_in_study(source, recs, ids)
+                for r in recs:
+                    done.setdefault((r["problem_id"], r["condition"], r["sample"]), r)
+        mine = list(range(len(problems)))
+        if state:
+            with state.split_between_processes(mine) as part:
+                mine = list(part)
+        store = main_store
+        if path is not None and world > 1:
+            store = held.enter_context(ResultsFile.open(shard_path(path, rank, world), config))
+            check_items_in_study(store.path, store.records, ids)
+            for r in store.records:
                 done.setdefault((r["problem_id"], r["condition"], r["sample"]), r)
-    mine = list(range(len(problems)))
-    if state:
-        with state.split_between_processes(mine) as part:
-            mine = list(part)
-    out_path = shard_path(path, rank, world) if (path is not None and world > 1) else path
-    store = ResultsFile.open(out_path, config) if out_path is not None else None
-    if store is not None:
-        for r in store.records:
-            done.setdefault((r["problem_id"], r["condition"], r["sample"]), r)
-    memory: List[dict] = []  # the items of a run without a results file
+        memory: List[dict] = []  # the items of a run without a results file
 
-    fresh_maps: Dict[tuple, object] = {}
-    maps_made: Dict[tuple, int] = {}
-    for r in done.values():
-        if r["saliency"]:
-            key = (r["condition"], bool(r["correct"]))
-            maps_made[key] = maps_made.get(key, 0) + 1
-    pending = {name: [g for g in (i * samples + s for i in mine for s in range(samples))
-                      if (ids[g // samples], name, g % samples) not in done] for name in conds}
-    total = sum(len(v) for v in pending.values())
-    bar = None
-    if progress and rank == 0 and total:
-        from tqdm.auto import tqdm
+        fresh_maps: Dict[tuple, object] = {}
+        maps_made: Dict[tuple, int] = {}
+        for r in done.values():
+            if r["saliency"]:
+                key = (r["condition"], bool(r["correct"]))
+                maps_made[key] = maps_made.get(key, 0) + 1
+        pending = {name: [g for g in (i * samples + s for i in mine for s in range(samples))
+                          if (ids[g // samples], name, g % samples) not in done] for name in conds}
+        total = sum(len(v) for v in pending.values())
+        bar = None
+        if progress and rank == 0 and total:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, unit="item", desc="study", file=sys.stderr)
-    try:
+            bar = held.enter_context(tqdm(total=total, unit="item", desc="study", file=sys.stderr))
         for name, ivs in conds.items():
             if bar is not None:
                 bar.set_description(name)
@@ -278,22 +318,17 @@ def evaluate(
                         memory.append(item)
                 if bar is not None:
                     bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
-        if store is not None:
-            store.close()
 
-    if state:
-        state.wait_for_everyone()
-    if path is not None:
-        if rank == 0 and shards(path):
-            merge_shards(path, config)
         if state:
             state.wait_for_everyone()
-        _, records = read_results(path)
-    else:
-        records = memory
+        if path is None:
+            records = memory
+        else:
+            if rank == 0 and shards(path):
+                merge_shards(path, config)
+            if state:
+                state.wait_for_everyone()
+            _, records = read_results(path)
     return _result(records, config, list(conds), reference, path, fresh_maps)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence, Tuple
 import torch
 from jaxtyping import Int
 
-from ..errors import StepflowError, UnsupportedModelError
+from ..errors import StepflowError, UnsupportedModelError, check_int
 
 
 def attn_hook(layer: int, name: str) -> str:
@@ -89,10 +89,11 @@ class ModelAdapter:
 
     def check_layers(self, layers) -> list:
         """Validate a list of layer indices against the model."""
-        layers = [int(l) for l in layers]
+        layers = [check_int("layer", l) for l in layers]
         bad = [l for l in layers if not 0 <= l < self.n_layers]
         if bad:
-            raise ValueError(f"layers {bad} are outside the model's 0..{self.n_layers - 1}")
+            raise StepflowError(f"layers {bad} are outside the model, which has {self.n_layers} layers "
+                                f"(0..{self.n_layers - 1}); choose layers in that range or a band name")
         return layers
 
     # ------------------------------------------------------------------ decoding

@@ -152,13 +152,16 @@ class attach_trace:
         if new.shape != old.shape:
             raise StepflowError(f"{name}: expected a tensor of shape {tuple(old.shape)}, got {tuple(new.shape)}")
         old64, new64 = old.double(), new.double()
+        # Checked first: NaN != 0, so a NaN edit would otherwise read as mass put on an empty block.
+        if not bool(torch.isfinite(new64).all()) or bool((new64 < 0).any()):
+            n_bad = int((~torch.isfinite(new64) | (new64 < 0)).sum())
+            raise StepflowError(f"{name}: the edited step pattern has {n_bad} NaN, infinite or negative "
+                                "entries; every entry must be finite and >= 0")
         if bool(((old64 == 0) & (new64 != 0)).any()):
             raise StepflowError(
                 f"{name}: cannot put attention mass on a step block that has none "
                 "(e.g. a later step, which the causal mask hides); only rescale existing mass"
             )
-        if bool((new64 < 0).any()) or not bool(torch.isfinite(new64).all()):
-            raise StepflowError(f"{name}: step pattern entries must be finite and >= 0")
         ratio = torch.where(old64 > 0, new64 / torch.where(old64 > 0, old64, 1), 1.0)
         log_ratio = torch.nn.functional.pad(ratio.log(), (0, 1, 0, 1), value=0.0)  # markup: weight 1
         log_factor = log_ratio[:, :, self._ext_index][:, :, :, self._ext_index]

@@ -9,6 +9,20 @@ from typing import Any, Iterator, Tuple, Type
 from ..errors import StepflowError
 
 
+def read_text(path: Path, error: Type[StepflowError] = StepflowError) -> str:
+    """The UTF-8 text of ``path``; ``error`` names the file when it is binary or unreadable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not a UTF-8 text file (undecodable byte at offset {e.start}); expected JSON "
+                    "Lines, JSON or CSV text") from None
+
+
 def read_json_records(path: Path, error: Type[StepflowError] = StepflowError) -> list:
     """The objects in ``path``: a ``.json`` file holding one object, a list of objects or
     ``{"data": [objects]}``; any other file is JSON Lines, one object a line (blank
@@ -16,7 +30,7 @@ def read_json_records(path: Path, error: Type[StepflowError] = StepflowError) ->
     path = Path(path)
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path, error))
         except json.JSONDecodeError as e:
             raise error(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         if isinstance(data, dict):
@@ -25,7 +39,7 @@ def read_json_records(path: Path, error: Type[StepflowError] = StepflowError) ->
             raise error(f"{path}: expected a JSON object, a list of objects or {{\"data\": [objects]}}")
         return data
     rows = []
-    for number, row in json_lines(path.read_text(encoding="utf-8"), path, error):
+    for number, row in json_lines(read_text(path, error), path, error):
         if not isinstance(row, dict):
             raise error(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)

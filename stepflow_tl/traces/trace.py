@@ -20,6 +20,7 @@ token; both take their rules from `stepflow_tl.traces.formats`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -366,10 +367,11 @@ class Trace:
         R1 chat templates do (unless the rendered prompt already ends with it)."""
         if not isinstance(record, dict) or "question" not in record or "output" not in record:
             raise TraceError("a trace record needs 'question' and 'output' keys")
-        tok = tokenizer_of(model_or_tok)
         question, output = record["question"], record["output"]
-        _check_str(output, "record['output']")
+        if not isinstance(output, str):
+            raise TraceError(f"'output' is {json.dumps(output)[:40]}, not text; fill it in or drop the record")
         text = conversation(question, system, name="record['question']")[1]
+        tok = tokenizer_of(model_or_tok)
         prompt = render_prompt(tok, question, system)
         question = text
         fmt = detect_format(prompt, output) if format == "auto" else format
