@@ -29,7 +29,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cap-gib", type=float, default=16.0, help="peak RSS cap per run (GiB)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--modes", nargs="+", default=["dense", "bounded"], choices=["dense", "bounded"])
+    parser.add_argument("--modes", nargs="+", default=["dense", "bounded", "tiled"],
+                        choices=["dense", "bounded", "tiled"])
     parser.add_argument("--backend", default="bridge", choices=["bridge", "hooked"])
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run")
     args = parser.parse_args(argv)

@@ -1,17 +1,18 @@
-"""Benchmark 1: Step-Saliency, dense vs bounded mode, on SmolLM2-135M.
+"""Benchmark 1: Step-Saliency, dense vs bounded vs tiled mode, on SmolLM2-135M.
 
 For each trace length, each mode runs in its own fresh process (``--repeats`` times,
-modes interleaved), and we print per length:
+modes interleaved), and we print one row per length and mode:
 
 - the peak resident set of the ``step_saliency`` call (counter reset after loading the
   model and building the trace), total and above the resident set at the start of the
-  call, and the ratio bounded / dense;
-- the time of the call (min over repeats) and the ratio bounded / dense;
-- the max absolute and max relative difference between the two modes' maps.
+  call, and its ratio to the ``--baseline`` mode (default bounded);
+- the time of the call (min over repeats) and its ratio to the baseline;
+- the max absolute and max relative difference of the mode's maps from the first mode's.
 
 Run::
 
     .venv/bin/python benchmarks/saliency_memory.py                    # T = 512, 1024, 2048
+    .venv/bin/python benchmarks/saliency_memory.py --tokens 4096 --modes bounded tiled
     .venv/bin/python benchmarks/saliency_memory.py --tokens 512 --repeats 1 --backend hooked
 """
 
@@ -53,6 +54,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode and length (min time is kept)")
     parser.add_argument("--backend", default="bridge", choices=["bridge", "hooked"])
+    parser.add_argument("--modes", nargs="+", default=["dense", "bounded", "tiled"],
+                        choices=["dense", "bounded", "tiled"])
+    parser.add_argument("--baseline", default="bounded", help="the mode the ratios divide by")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--maps-out", help=argparse.SUPPRESS)
@@ -62,7 +66,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    modes = ("dense", "bounded")
+    modes = tuple(args.modes)
+    baseline = args.baseline if args.baseline in modes else modes[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n_tokens in args.tokens:
@@ -79,26 +84,26 @@ def main(argv=None) -> None:
                     runs[mode].append(result)
                     print(f"  T={n_tokens} {mode:7s} run {rep + 1}: {result['seconds']:.1f} s, "
                           f"peak {C.gib(result['peak_rss'])} GiB", file=sys.stderr, flush=True)
-            dense = torch.load(Path(tmp) / f"dense-{n_tokens}.pt")
-            bounded = torch.load(Path(tmp) / f"bounded-{n_tokens}.pt")
-            abs_diff = float((dense - bounded).abs().max())
-            rel_diff = abs_diff / float(dense.abs().max())
+            first = torch.load(Path(tmp) / f"{modes[0]}-{n_tokens}.pt")
             peak = {m: max(r["peak_rss"] for r in runs[m]) for m in modes}
             above = {m: max(r["peak_rss"] - r["base_rss"] for r in runs[m]) for m in modes}
             secs = {m: min(r["seconds"] for r in runs[m]) for m in modes}
-            rows.append([
-                n_tokens, runs["dense"][0]["n_steps"],
-                C.gib(peak["dense"]), C.gib(peak["bounded"]), f"{peak['bounded'] / peak['dense']:.3f}",
-                C.gib(above["dense"]), C.gib(above["bounded"]), f"{above['bounded'] / above['dense']:.3f}",
-                f"{secs['dense']:.1f}", f"{secs['bounded']:.1f}", f"{secs['bounded'] / secs['dense']:.2f}",
-                f"{abs_diff:.2e}", f"{rel_diff:.2e}",
-            ])
-    print(f"Step-Saliency dense vs bounded, SmolLM2-135M ({args.backend}), fp32, CPU, "
-          f"{C.n_threads()} threads, min time of {args.repeats} runs per mode")
+            for mode in modes:
+                maps = torch.load(Path(tmp) / f"{mode}-{n_tokens}.pt")
+                abs_diff = float((maps - first).abs().max())
+                rows.append([
+                    n_tokens, runs[mode][0]["n_steps"], mode,
+                    C.gib(peak[mode]), f"{peak[mode] / peak[baseline]:.3f}",
+                    C.gib(above[mode]), f"{above[mode] / above[baseline]:.3f}",
+                    f"{secs[mode]:.1f}", f"{secs[mode] / secs[baseline]:.2f}",
+                    f"{abs_diff:.2e}", f"{abs_diff / float(first.abs().max()):.2e}",
+                ])
+    print(f"Step-Saliency {' vs '.join(modes)}, SmolLM2-135M ({args.backend}), fp32, CPU, "
+          f"{C.n_threads()} threads, min time of {args.repeats} runs per mode; ratios to {baseline}; "
+          f"differences from {modes[0]}")
     print(C.table(
-        ["T", "steps", "peak dense GiB", "peak bounded GiB", "ratio",
-         "above start dense GiB", "above start bounded GiB", "ratio",
-         "time dense s", "time bounded s", "ratio", "max abs diff", "max rel diff"],
+        ["T", "steps", "mode", "peak GiB", "ratio", "above start GiB", "ratio",
+         "time s", "ratio", "max abs diff", "max rel diff"],
         rows,
     ))
 

@@ -1,10 +1,30 @@
 """Brute-force references, written independently of the package's pooling code:
 attention probabilities and their gradients from a plain transformers
-forward/backward, pooled in float64 with explicit loops over steps."""
+forward/backward, pooled in float64 with explicit loops over steps.
+
+transformers' eager attention rounds its softmax to fp32 even in a float64 model, so
+for float64 models the reference runs `_float64_attention` instead: the same eager
+attention with the softmax in float64 (a causal LM without padding, so the mask is the
+causal triangle)."""
 
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface
+
+FLOAT64_ATTENTION = "stepflow_reference_float64"
+
+
+def _float64_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = query @ key.transpose(2, 3) * scaling
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    weights = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(FLOAT64_ATTENTION, _float64_attention)
 
 
 def hf_attention_and_grads(hf_model, token_ids, loss_positions=None):
@@ -13,15 +33,30 @@ def hf_attention_and_grads(hf_model, token_ids, loss_positions=None):
     The loss is the mean next-token cross-entropy over ``loss_positions`` (targets;
     default every token after the first: then it is transformers' own ``labels=`` loss).
     """
+    if next(hf_model.parameters()).dtype == torch.float64:
+        before = hf_model.config._attn_implementation
+        hf_model.set_attn_implementation(FLOAT64_ATTENTION)
+        try:
+            return _attention_and_grads(hf_model, token_ids, loss_positions)
+        finally:
+            hf_model.set_attn_implementation(before)
+    return _attention_and_grads(hf_model, token_ids, loss_positions)
+
+
+def _attention_and_grads(hf_model, token_ids, loss_positions):
     ids = token_ids[None]
-    if loss_positions is None:
+    float64 = next(hf_model.parameters()).dtype == torch.float64
+    if loss_positions is None and not float64:
         out = hf_model(ids, labels=ids, output_attentions=True, use_cache=False)
         loss = out.loss
-    else:
+    else:  # transformers' labels= loss casts float64 logits to fp32
         out = hf_model(ids, output_attentions=True, use_cache=False)
+        if loss_positions is None:
+            loss_positions = torch.arange(1, token_ids.shape[0])
         loss_positions = loss_positions[loss_positions > 0]
+        logits = out.logits[0, loss_positions - 1]
         loss = torch.nn.functional.cross_entropy(
-            out.logits[0, loss_positions - 1].float(), token_ids[loss_positions]
+            logits if float64 else logits.float(), token_ids[loss_positions]
         )
     attentions = out.attentions
     grads = torch.autograd.grad(loss, attentions)

@@ -7,6 +7,7 @@ import sys
 
 from ..errors import StepflowError
 from ..saliency import compare, diagnose, step_saliency
+from ..saliency.compute import MODES
 from ..saliency.losses import loss_target_positions
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
@@ -101,7 +102,8 @@ def add_commands(sub) -> None:
     add_model_args(sal)
     sal.add_argument("--loss", choices=("sequence", "summary", "answer"), default="sequence")
     sal.add_argument("--pool", choices=("mean", "causal_mean"), default="mean")
-    sal.add_argument("--mode", choices=("dense", "bounded"), default="bounded")
+    sal.add_argument("--mode", choices=MODES, default="auto",
+                     help="auto: tiled above 2048 tokens where the model allows it, else bounded")
     sal.add_argument("--max-tokens", type=int, default=None, help="refuse (or --truncate) longer traces")
     sal.add_argument("--truncate", action="store_true", help="cut traces to --max-tokens instead of refusing them")
     sal.add_argument("--limit", type=int, default=None, help="only the first N traces")

@@ -1,5 +1,5 @@
 """Step-Saliency: the `StepSaliency` result type, its computation (dense, bounded memory,
-from a cache; plain step attention) and the failure diagnostics read from it."""
+tiled, from a cache; plain step attention) and the failure diagnostics read from it."""
 
 from .compute import step_attention, step_saliency, step_saliency_from_cache
 from .diagnostics import Diagnostics, band_layers, compare, diagnose

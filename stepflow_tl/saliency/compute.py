@@ -36,6 +36,7 @@ from ..tl.hooks import PermanentHooks, checkpointed_blocks, layer_of
 from ..traces.pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
 from .losses import LossFn, at_least_fp32, loss_in_unembedding, loss_target_positions, resolve_loss
 from .maps import StepSaliency
+from .tiled import TilePooler, tiled_attention, tiled_unsupported_reason
 
 SALIENCY_POOLS = ("mean", "causal_mean")
 
@@ -71,6 +72,13 @@ class _LayerPooler:
         """``values``: ``[1, head, q, k]`` token-level map of ``layer``."""
         self._check_finite(layer, values)
         self._store(layer, block_sums(values[0], self.onehot, self.onehot))
+
+    def add_sums(self, layer: int, sums: torch.Tensor) -> None:
+        """Store block sums already made, ``[head, step, step]`` or ``[1, step, step]``
+        summed over heads (then every head's row holds the mean over heads)."""
+        self._check_finite(layer, sums)
+        n_heads = self.head_maps.shape[1]
+        self._store(layer, sums if sums.shape[0] == n_heads else sums / n_heads)
 
     def add_product(self, layer: int, pattern: torch.Tensor, grad: torch.Tensor) -> None:
         """Pool ``|pattern * grad|`` (both ``[1, head, q, k]``), formed in fp32 (float64 for float64 models).
@@ -184,8 +192,37 @@ class _BoundedGradients:
             self.recomputed[layer] = pattern.detach()
 
 
-_GRADIENTS = {"dense": _DenseGradients, "bounded": _BoundedGradients}
-MODES = tuple(_GRADIENTS)
+class _TiledGradients:
+    """Tiled mode: as bounded, but no pattern exists. Every layer's attention runs as
+    `tiled.TiledAttention`, whose backward pools each recomputed tile of |A * dL/dA|
+    (`tiled.TilePooler`); backward stops at the lowest mapped block's input."""
+
+    def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool):
+        self.pooler, self.layers = pooler, layers
+        self.target: Optional[torch.Tensor] = None
+        self.tiles = {layer: TilePooler(trace.token_steps, pooler.onehot, n_heads, per_head) for layer in layers}
+
+    def hooks(self) -> list:
+        return [(block_hook(self.layers[0], "resid_pre"), self._on_input)]
+
+    def contexts(self, model) -> list:
+        return [tiled_attention(model, self.tiles.get), checkpointed_blocks(model, self.layers[0])]
+
+    def _on_input(self, resid, hook):
+        if self.target is None:
+            self.target = resid
+
+    def finish(self) -> None:
+        for layer, tile in self.tiles.items():
+            if tile.seen:
+                self.pooler.add_sums(layer, tile.sums)
+
+
+_GRADIENTS = {"dense": _DenseGradients, "bounded": _BoundedGradients, "tiled": _TiledGradients}
+MODES = (*_GRADIENTS, "auto")
+# Above this many tokens "auto" picks tiled mode where the model's attention allows it
+# (else bounded): dense mode's attention of every layer outgrows a GPU there.
+AUTO_TILED_ABOVE = 2048
 
 
 def step_saliency(
@@ -209,10 +246,15 @@ def step_saliency(
         pool: ``"mean"`` (whole block, the paper) or ``"causal_mean"`` (pairs k <= t).
         layers: model layers to map (default all).
         per_head: also keep ``head_maps [layer, head, step_q, step_k]``.
-        mode: ``"dense"`` (reference) or ``"bounded"`` (activation checkpointing and a
-            block-wise loss, memory of one layer's attention); both are exact. Bounded
-            mode refuses a built-in loss on a model that transforms its logits after the
-            unembedding (soft-capping); a callable loss gets whole logits in either mode.
+        mode: ``"dense"`` (reference), ``"bounded"`` (activation checkpointing and a
+            block-wise loss, memory of one layer's attention), ``"tiled"`` (as bounded,
+            and attention runs tile by tile with the pooling inside its backward
+            (`stepflow_tl.saliency.tiled`): no ``T x T`` matrix, memory linear in T; the
+            layers' ``hook_attn_scores``/``hook_pattern`` do not fire) or ``"auto"``
+            (tiled above `AUTO_TILED_ABOVE` tokens where the model's attention allows
+            it, else bounded). All are exact. Bounded and tiled modes refuse a built-in
+            loss on a model that transforms its logits after the unembedding
+            (soft-capping); a callable loss gets whole logits in every mode.
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
@@ -221,13 +263,20 @@ def step_saliency(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     a, layers = _check_inputs(model, trace, pool, SALIENCY_POOLS, layers)
+    requested = mode
+    if mode == "auto":
+        long = trace.token_ids.shape[0] > AUTO_TILED_ABOVE
+        mode = "tiled" if long and tiled_unsupported_reason(model) is None else "bounded"
     loss_name, loss_fn = resolve_loss(loss, trace)
-    # Bounded mode never holds whole-sequence logits for a built-in loss; a callable
-    # loss needs them, so it gets them.
-    blockwise_loss = mode == "bounded" and not callable(loss)
+    # Bounded and tiled modes never hold whole-sequence logits for a built-in loss; a
+    # callable loss needs them, so it gets them.
+    blockwise_loss = mode in ("bounded", "tiled") and not callable(loss)
     pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device)
     tokens = trace.token_ids[None].to(a.device)
-    gradients = _GRADIENTS[mode](pooler, layers)
+    if mode == "tiled":
+        gradients = _TiledGradients(pooler, layers, trace, a.n_heads, per_head)
+    else:
+        gradients = _GRADIENTS[mode](pooler, layers)
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         stack.enter_context(PermanentHooks(model, gradients.hooks()))
@@ -246,12 +295,16 @@ def step_saliency(
         if not bool(torch.isfinite(value)):
             raise StepflowError(f"the loss is not finite ({float(value.detach())})")
         torch.autograd.grad(value, [gradients.target])
+    if mode == "tiled":
+        gradients.finish()
     missing = set(layers) - pooler.done
     if missing:
         raise StepflowError(f"no gradient reached layers {sorted(missing)}")
     return _make_result(
         trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
-        loss=loss_name, per_head=per_head, meta={"mode": mode, "loss_value": float(value.detach())},
+        loss=loss_name, per_head=per_head,
+        meta={"mode": mode, **({"requested_mode": requested} if requested != mode else {}),
+              "loss_value": float(value.detach())},
     )
 
 
