@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..saliency import compare, diagnose, step_saliency
+from ..saliency import StepSaliency, compare, diagnose, step_saliency
+from ..study.run import distributed_state
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
 from ..viz import Report
@@ -23,19 +24,35 @@ def cmd_info(args) -> int:
 
 
 def cmd_saliency(args) -> int:
+    """Maps of every trace; under ``accelerate launch`` the traces are split across the
+    processes (one model each) and the main process gathers the saved maps."""
     from tqdm.auto import tqdm
 
+    state = distributed_state()
+    rank = state.process_index if state else 0
+    if state and args.device is None:
+        args.device = str(state.device)
     model = load_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     traces = load_traces(args.traces, model, max_tokens=args.max_tokens, truncate=args.truncate)
     if args.limit:
         traces = traces[: args.limit]
-    results, rows = [], []
-    for i, trace in enumerate(tqdm(traces, desc="step saliency", unit="trace")):
+    for i, trace in enumerate(traces):
         trace.meta.setdefault("trace_id", i)
-        result = step_saliency(model, trace, loss=args.loss, pool=args.pool, mode=args.mode)
-        result.save(out / f"trace{i:04d}")
+    mine = list(range(len(traces)))
+    if state:
+        with state.split_between_processes(mine) as part:
+            mine = list(part)
+    for i in tqdm(mine, desc="step saliency", unit="trace", disable=rank != 0):
+        step_saliency(model, traces[i], loss=args.loss, pool=args.pool, mode=args.mode).save(out / f"trace{i:04d}")
+    if state:
+        state.wait_for_everyone()
+    if rank != 0:
+        return 0
+    results, rows = [], []
+    for i, trace in enumerate(traces):
+        result = StepSaliency.load(out / f"trace{i:04d}")
         diag = diagnose(result)
         rows.append(diag.summary())
         results.append((trace, result, diag))

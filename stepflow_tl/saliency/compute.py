@@ -24,8 +24,8 @@ same result type.
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
-from typing import Iterable, Optional, Union
+from contextlib import ExitStack, contextmanager
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
@@ -197,6 +197,8 @@ def step_saliency(
     layers: Optional[Iterable[int]] = None,
     per_head: bool = False,
     mode: str = "dense",
+    interventions: Sequence = (),
+    state=None,
 ) -> StepSaliency:
     """Step-Saliency maps of one trace.
 
@@ -213,6 +215,9 @@ def step_saliency(
             block-wise loss, memory of one layer's attention); both are exact. Bounded
             mode refuses a built-in loss on a model that transforms its logits after the
             unembedding (soft-capping); a callable loss gets whole logits in either mode.
+        interventions, state: see `intervened`; the maps are then those of the
+            teacher-forced forward that StepFlow (or a control) edits exactly as
+            KV-cached generation edits each position of this trace.
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
@@ -230,6 +235,8 @@ def step_saliency(
     gradients = _GRADIENTS[mode](pooler, layers)
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
+        # first: installing an intervention may run a probe forward, which the map hooks must not see
+        stack.enter_context(intervened(model, trace, interventions, state))
         stack.enter_context(PermanentHooks(model, gradients.hooks()))
         for context in gradients.contexts(model):
             stack.enter_context(context)
@@ -251,8 +258,40 @@ def step_saliency(
         raise StepflowError(f"no gradient reached layers {sorted(missing)}")
     return _make_result(
         trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
-        loss=loss_name, per_head=per_head, meta={"mode": mode, "loss_value": float(value.detach())},
+        loss=loss_name, per_head=per_head,
+        meta={"mode": mode, "loss_value": float(value.detach()), **_intervention_meta(interventions)},
     )
+
+
+@contextmanager
+def intervened(model, trace, interventions: Sequence = (), state=None) -> Iterator[None]:
+    """The context in which a forward over ``trace.token_ids`` is edited by ``interventions``
+    (each enters ``iv.applied_to_trace(model, trace, state)``, in list order, so their
+    hooks compose as in `generate`).
+
+    ``state`` is the `StepState` the interventions read (default:
+    ``StepState.from_trace(trace)``, the trace's own step structure, every position
+    an edited query, row seed 0). In KV-cached generation each decoded token is edited
+    with the structure known at its position; the edits look at no later position,
+    so one teacher-forced forward with the whole trace's state applies, at every
+    position, what generation applied there. Prompt tokens that generation did not
+    edit need ``StepState.from_trace(trace, prefill=n_prompt_tokens)``; the row seed
+    of the random controls must be the generation row's (``Generation.seed``). Where
+    generation's tracker re-labelled earlier tokens (a tag split over several tokens),
+    generation edited them with the labels known then; this state has the final ones.
+    No interventions: nothing is installed.
+    """
+    with ExitStack() as stack:
+        for iv in interventions:
+            apply = getattr(iv, "applied_to_trace", None)
+            if apply is None:
+                raise StepflowError(f"expected an Intervention (e.g. StepFlow()), got {type(iv).__name__}")
+            stack.enter_context(apply(model, trace, state))
+        yield
+
+
+def _intervention_meta(interventions) -> dict:
+    return {"interventions": [repr(iv) for iv in interventions]} if interventions else {}
 
 
 # ---------------------------------------------------------------------- from caches
@@ -342,6 +381,8 @@ def step_attention(
     pool: str = "mass",
     layers: Optional[Iterable[int]] = None,
     per_head: bool = False,
+    interventions: Sequence = (),
+    state=None,
 ) -> StepSaliency:
     """Gradient-free step maps: attention probabilities pooled to steps.
 
@@ -350,6 +391,8 @@ def step_attention(
             holding ``blocks.{l}.attn.hook_pattern``.
         pool: ``"mass"`` (default: attention mass from query step to key step, rows sum
             to at most 1), ``"mean"`` or ``"causal_mean"``.
+        interventions, state: with a model, the attention of the forward edited as in
+            `intervened` (``hook_pattern`` sees the edited attention).
 
     Returns:
         `StepSaliency` with ``map_kind="attention"``.
@@ -365,12 +408,15 @@ def step_attention(
         def capture(pattern, hook):
             pooler.add(layer_of(hook), pattern.detach())
 
-        with torch.no_grad(), PermanentHooks(model, [(attn_hook(l, "pattern"), capture) for l in layers]):
+        with torch.no_grad(), intervened(model, trace, interventions, state), \
+                PermanentHooks(model, [(attn_hook(l, "pattern"), capture) for l in layers]):
             a.forward(trace.token_ids[None].to(a.device))
         return _make_result(
             trace, layers, pooler, n_model_layers=a.n_layers, map_kind="attention", pool=pool,
-            loss="", per_head=per_head,
+            loss="", per_head=per_head, meta=_intervention_meta(interventions),
         )
+    if interventions:
+        raise StepflowError("interventions need a model to run; a cache holds a finished forward")
     cache = model_or_cache
     layers = _cache_layers(cache, layers)
     how = "make the cache with model.run_with_cache(tokens) including these layers' hook_pattern"
