@@ -11,6 +11,9 @@ Functions:
   (``scipy.stats.binomtest`` on the discordant pairs).
 - :func:`compare_groups` -- two independent groups: Mann-Whitney U with Cliff's
   delta, or Welch's t with Hedges' g.
+- :func:`bootstrap_mean_ci` -- the mean of one sample with a percentile bootstrap interval.
+- :func:`wilcoxon_signed_rank` -- Wilcoxon signed-rank test of paired differences.
+- :func:`spearman` -- Spearman rank correlation (Pearson of average ranks).
 - :func:`holm` -- Holm step-down adjustment of a family of p-values.
 - :func:`wilson_interval` -- Wilson score interval for an accuracy ``k / n``.
 
@@ -33,6 +36,9 @@ __all__ = [
     "GroupComparison",
     "Proportion",
     "paired_bootstrap_ci",
+    "bootstrap_mean_ci",
+    "wilcoxon_signed_rank",
+    "spearman",
     "mcnemar_exact",
     "compare_groups",
     "holm",
@@ -142,6 +148,33 @@ def paired_bootstrap_ci(
     """
     a, b = _paired(a, b)
     return bootstrap_mean_ci(b - a, n_boot=n_boot, seed=seed, level=level)
+
+
+# --------------------------------------------------------------------------- Wilcoxon, Spearman
+
+
+def wilcoxon_signed_rank(a, b) -> float:
+    """Two-sided Wilcoxon signed-rank p of the paired differences ``b - a``
+    (``scipy.stats.wilcoxon``, zero differences dropped as in Wilcoxon's original
+    test, scipy's ``method="auto"``: exact for small n without ties). NaN when every
+    difference is zero (no evidence either way, and scipy's test is undefined)."""
+    a, b = _paired(a, b)
+    d = b - a
+    if not np.any(d != 0):
+        return math.nan
+    return float(stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho of ``x`` and ``y`` ``[n]``: the Pearson correlation of their
+    average ranks (ties share the mean rank). NaN with fewer than 3 pairs or when
+    either side is constant (no ranking to correlate)."""
+    x, y = _paired(x, y)
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    rx = stats.rankdata(x) - (x.size + 1) / 2.0
+    ry = stats.rankdata(y) - (y.size + 1) / 2.0
+    return float(np.clip((rx @ ry) / math.sqrt((rx @ rx) * (ry @ ry)), -1.0, 1.0))
 
 
 # --------------------------------------------------------------------------- McNemar

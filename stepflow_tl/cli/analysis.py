@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 
 from ..errors import StepflowError
-from ..saliency import compare, diagnose, step_saliency
+from ..saliency import StepSaliency, compare, diagnose, step_saliency
 from ..saliency.compute import MODES
 from ..saliency.losses import loss_target_positions
+from ..study.run import distributed_state
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
 from ..viz import Report
@@ -28,7 +29,9 @@ def cmd_info(args) -> int:
 def cmd_saliency(args) -> int:
     """Maps of every trace; a trace whose loss has no target (``--loss answer`` on a
     trace without an answer) is skipped, named in ``skipped.csv``, the report and on
-    stderr, and the others are still computed and written."""
+    stderr, and the others are still computed and written. Under ``accelerate launch``
+    the traces are split across the processes (one model each) and the main process
+    gathers the saved maps."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -37,6 +40,10 @@ def cmd_saliency(args) -> int:
                       "add --max-tokens N (the length to cut to) or drop --truncate")
     if args.limit is not None and args.limit < 1:
         raise StepflowError(f"--limit must be >= 1, got {args.limit}")
+    state = distributed_state()
+    rank = state.process_index if state else 0
+    if state and args.device is None:
+        args.device = str(state.device)
     out = prepare_out(args.out)
     model = load_from_args(args)
     traces = load_traces(args.traces, model, max_tokens=args.max_tokens, truncate=args.truncate)
@@ -45,8 +52,8 @@ def cmd_saliency(args) -> int:
                             "'question' and 'output'")
     if args.limit:
         traces = traces[: args.limit]
-    results, rows, skipped = [], [], []
-    for i, trace in enumerate(tqdm(traces, desc="step saliency", unit="trace")):
+    measurable, skipped = [], []
+    for i, trace in enumerate(traces):
         trace.meta.setdefault("trace_id", i)
         try:
             loss_target_positions(args.loss, trace)  # cheap: the loss has something to score
@@ -54,8 +61,21 @@ def cmd_saliency(args) -> int:
             skipped.append({"trace": i, "record": trace.meta.get("record_index", i),
                             "id": trace.meta.get("id", trace.meta.get("trace_id")), "reason": str(exc)})
             continue
-        result = step_saliency(model, trace, loss=args.loss, pool=args.pool, mode=args.mode)
-        result.save(out / f"trace{i:04d}")
+        measurable.append(i)
+    mine = measurable
+    if state:
+        with state.split_between_processes(mine) as part:
+            mine = list(part)
+    for i in tqdm(mine, desc="step saliency", unit="trace", disable=rank != 0):
+        step_saliency(model, traces[i], loss=args.loss, pool=args.pool, mode=args.mode).save(out / f"trace{i:04d}")
+    if state:
+        state.wait_for_everyone()
+    if rank != 0:
+        return 0
+    results, rows = [], []
+    for i in measurable:
+        trace = traces[i]
+        result = StepSaliency.load(out / f"trace{i:04d}")
         diag = diagnose(result)
         rows.append({"trace": i, "record": trace.meta.get("record_index", i), **diag.summary()})
         results.append((trace, result, diag))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analysis, generation, study
+from . import analysis, generation, study, validation
 from .common import run_command
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_commands(sub)
     generation.add_commands(sub)
     study.add_commands(sub)
+    validation.add_commands(sub)
     return parser
 
 

@@ -193,6 +193,19 @@ class Intervention:
         with apply_interventions([self], model, state) as runs:
             yield runs[0]
 
+    def applied_to_trace(self, model, trace, state: Optional[StepState] = None):
+        """`applied` for a teacher-forced forward over ``trace.token_ids`` (what
+        ``step_saliency(..., interventions=[...])`` enters): ``state`` defaults to
+        ``StepState.from_trace(trace)`` on the model's device."""
+        if state is None:
+            state = StepState.from_trace(trace, device=adapter(model).device)
+        if state.n_pos != trace.token_ids.shape[0]:
+            raise StepflowError(
+                f"the intervention state covers {state.n_pos} positions but the trace has "
+                f"{trace.token_ids.shape[0]} tokens; build it with StepState.from_trace(trace)"
+            )
+        return self.applied(model, state)
+
 
 @contextlib.contextmanager
 def apply_interventions(interventions: Sequence[Intervention], model, state: StepState) -> Iterator[List[InterventionRun]]:

@@ -75,9 +75,11 @@ class StepState:
         return self.segment_code.device
 
     @classmethod
-    def from_trace(cls, trace, device=None, row_seed: int = 0) -> "StepState":
-        """The state of one `Trace` (batch of 1), every position a non-prompt query."""
-        return cls.from_traces([trace], device=device, row_seeds=[row_seed])
+    def from_trace(cls, trace, device=None, row_seed: int = 0, prefill: int = 0) -> "StepState":
+        """The state of one `Trace` (batch of 1); the first ``prefill`` positions are
+        prompt queries (as in `generate`), the others edited queries."""
+        return cls.from_rows([_row_from_trace(trace)], device=device, row_seeds=[row_seed],
+                             prefill_lengths=[int(prefill)])
 
     @classmethod
     def from_traces(cls, traces, device=None, row_seeds: Optional[Sequence[int]] = None) -> "StepState":

@@ -24,8 +24,8 @@ same result type.
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
-from typing import Iterable, Optional, Union
+from contextlib import ExitStack, contextmanager
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
@@ -234,6 +234,8 @@ def step_saliency(
     layers: Optional[Iterable[int]] = None,
     per_head: bool = False,
     mode: str = "dense",
+    interventions: Sequence = (),
+    state=None,
 ) -> StepSaliency:
     """Step-Saliency maps of one trace.
 
@@ -255,6 +257,9 @@ def step_saliency(
             it, else bounded). All are exact. Bounded and tiled modes refuse a built-in
             loss on a model that transforms its logits after the unembedding
             (soft-capping); a callable loss gets whole logits in every mode.
+        interventions, state: see `intervened`; the maps are then those of the
+            teacher-forced forward that StepFlow (or a control) edits exactly as
+            KV-cached generation edits each position of this trace.
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
@@ -264,9 +269,15 @@ def step_saliency(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     a, layers = _check_inputs(model, trace, pool, SALIENCY_POOLS, layers)
     requested = mode
+    interventions = list(interventions)
     if mode == "auto":
         long = trace.token_ids.shape[0] > AUTO_TILED_ABOVE
-        mode = "tiled" if long and tiled_unsupported_reason(model) is None else "bounded"
+        mode = "tiled" if long and not interventions and tiled_unsupported_reason(model) is None else "bounded"
+    if mode == "tiled" and interventions:
+        # Tiled layers never fire hook_attn_scores/hook_pattern, where OEB and its
+        # controls edit attention: the edits would be silently skipped.
+        raise StepflowError("mode='tiled' cannot apply interventions (its attention runs without the "
+                            "hook_attn_scores/hook_pattern they edit); use mode='bounded' or 'dense'")
     loss_name, loss_fn = resolve_loss(loss, trace)
     # Bounded and tiled modes never hold whole-sequence logits for a built-in loss; a
     # callable loss needs them, so it gets them.
@@ -279,6 +290,8 @@ def step_saliency(
         gradients = _GRADIENTS[mode](pooler, layers)
     with ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
+        # first: installing an intervention may run a probe forward, which the map hooks must not see
+        stack.enter_context(intervened(model, trace, interventions, state))
         stack.enter_context(PermanentHooks(model, gradients.hooks()))
         for context in gradients.contexts(model):
             stack.enter_context(context)
@@ -304,8 +317,39 @@ def step_saliency(
         trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
         loss=loss_name, per_head=per_head,
         meta={"mode": mode, **({"requested_mode": requested} if requested != mode else {}),
-              "loss_value": float(value.detach())},
+              "loss_value": float(value.detach()), **_intervention_meta(interventions)},
     )
+
+
+@contextmanager
+def intervened(model, trace, interventions: Sequence = (), state=None) -> Iterator[None]:
+    """The context in which a forward over ``trace.token_ids`` is edited by ``interventions``
+    (each enters ``iv.applied_to_trace(model, trace, state)``, in list order, so their
+    hooks compose as in `generate`).
+
+    ``state`` is the `StepState` the interventions read (default:
+    ``StepState.from_trace(trace)``, the trace's own step structure, every position
+    an edited query, row seed 0). In KV-cached generation each decoded token is edited
+    with the structure known at its position; the edits look at no later position,
+    so one teacher-forced forward with the whole trace's state applies, at every
+    position, what generation applied there. Prompt tokens that generation did not
+    edit need ``StepState.from_trace(trace, prefill=n_prompt_tokens)``; the row seed
+    of the random controls must be the generation row's (``Generation.seed``). Where
+    generation's tracker re-labelled earlier tokens (a tag split over several tokens),
+    generation edited them with the labels known then; this state has the final ones.
+    No interventions: nothing is installed.
+    """
+    with ExitStack() as stack:
+        for iv in interventions:
+            apply = getattr(iv, "applied_to_trace", None)
+            if apply is None:
+                raise StepflowError(f"expected an Intervention (e.g. StepFlow()), got {type(iv).__name__}")
+            stack.enter_context(apply(model, trace, state))
+        yield
+
+
+def _intervention_meta(interventions) -> dict:
+    return {"interventions": [repr(iv) for iv in interventions]} if interventions else {}
 
 
 # ---------------------------------------------------------------------- from caches
@@ -395,6 +439,8 @@ def step_attention(
     pool: str = "mass",
     layers: Optional[Iterable[int]] = None,
     per_head: bool = False,
+    interventions: Sequence = (),
+    state=None,
 ) -> StepSaliency:
     """Gradient-free step maps: attention probabilities pooled to steps.
 
@@ -403,6 +449,8 @@ def step_attention(
             holding ``blocks.{l}.attn.hook_pattern``.
         pool: ``"mass"`` (default: attention mass from query step to key step, rows sum
             to at most 1), ``"mean"`` or ``"causal_mean"``.
+        interventions, state: with a model, the attention of the forward edited as in
+            `intervened` (``hook_pattern`` sees the edited attention).
 
     Returns:
         `StepSaliency` with ``map_kind="attention"``.
@@ -418,12 +466,15 @@ def step_attention(
         def capture(pattern, hook):
             pooler.add(layer_of(hook), pattern.detach())
 
-        with torch.no_grad(), PermanentHooks(model, [(attn_hook(l, "pattern"), capture) for l in layers]):
+        with torch.no_grad(), intervened(model, trace, interventions, state), \
+                PermanentHooks(model, [(attn_hook(l, "pattern"), capture) for l in layers]):
             a.forward(trace.token_ids[None].to(a.device))
         return _make_result(
             trace, layers, pooler, n_model_layers=a.n_layers, map_kind="attention", pool=pool,
-            loss="", per_head=per_head,
+            loss="", per_head=per_head, meta=_intervention_meta(interventions),
         )
+    if interventions:
+        raise StepflowError("interventions need a model to run; a cache holds a finished forward")
     cache = model_or_cache
     layers = _cache_layers(cache, layers)
     how = "make the cache with model.run_with_cache(tokens) including these layers' hook_pattern"

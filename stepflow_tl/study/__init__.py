@@ -1,13 +1,25 @@
 """Paired studies: problems and grading, named conditions, the resumable results file,
-`evaluate` / `ablate`, and the `StudyResult` with its statistics and report."""
+`evaluate` / `ablate`, and the `StudyResult` with its statistics and report; the
+validation study (`validate`, docs/validation.md)."""
 
 from .conditions import ABLATION, CONDITIONS, DEFAULT_CONDITIONS
 from .grading import Grade, extract_answer, grade
 from .problems import Problem, SuiteConfig, builtin_suite, load_problems, prompt_for
 from .result import StudyResult
 from .run import ablate, evaluate, load_study
+from .validate import (
+    VALIDATION_CONDITIONS,
+    StepKnockout,
+    ValidationConfig,
+    ValidationResult,
+    knockout_matrix,
+    load_validation,
+    validate,
+)
 
 __all__ = [
     "ABLATION", "CONDITIONS", "DEFAULT_CONDITIONS", "Grade", "Problem", "StudyResult", "SuiteConfig", "ablate",
     "builtin_suite", "evaluate", "extract_answer", "grade", "load_problems", "load_study", "prompt_for",
+    "VALIDATION_CONDITIONS", "StepKnockout", "ValidationConfig", "ValidationResult", "knockout_matrix",
+    "load_validation", "validate",
 ]

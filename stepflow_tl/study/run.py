@@ -132,7 +132,7 @@ def _saliency_path(results_path: Optional[Path], condition: str, problem_id: str
             / f"{safe_file_name(problem_id)}__s{sample}.npz")
 
 
-def _distributed_state():
+def distributed_state():
     """`accelerate.PartialState` when launched with several processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
@@ -229,7 +229,7 @@ def evaluate(
         saliency=(saliency if saliency is True else int(saliency)), saliency_loss=saliency_loss,
     )
     path = Path(results_path) if results_path is not None else None
-    state = _distributed_state()
+    state = distributed_state()
     world, rank = (state.num_processes, state.process_index) if state else (1, 0)
     if world > 1 and path is None:
         raise StepflowError("a multi-process run needs results_path (each process writes a shard next to it)")

@@ -200,6 +200,17 @@ class Report:
             self.add_figure(fig, f"Step map, layer {layer} ({kind}; same colour scale as the interactive view)")
         return self
 
+    def add_step_maps_row(self, items: Sequence[tuple[Any, str]], **kwargs) -> "Report":
+        """Several step-map views side by side (e.g. before and after an intervention):
+        ``items`` are ``(result, title)`` pairs; ``kwargs`` go to `add_step_maps`. Each
+        view keeps its own colour scale, which its note states."""
+        first = len(self._blocks)
+        for result, title in items:
+            self.add_step_maps(result, title, **kwargs)
+        cells = "".join(f'<div style="flex:1 1 0;min-width:22em">{b}</div>' for b in self._blocks[first:])
+        self._blocks[first:] = [f'<div style="display:flex;gap:1.5em;flex-wrap:wrap">{cells}</div>']
+        return self
+
     def _scripts(self) -> list[str]:
         if not self._views:
             return []
