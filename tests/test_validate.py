@@ -250,7 +250,7 @@ def test_validate_resumes_and_refuses_another_config(trace_file, reference_run, 
     _run(["validate", str(trace_file), "--out", str(out), *VALIDATE_ARGS])
     assert _comparable(out) == _comparable(reference_run[0])
     assert main(["validate", str(trace_file), "--out", str(out), *VALIDATE_ARGS, "--seed", "1"]) == 2
-    assert "different config (differs in ['seed'])" in capsys.readouterr().err
+    assert "differs in ['seed']; seed: 0 in the file, 1 now" in capsys.readouterr().err
 
 
 def _comparable(out: Path):
