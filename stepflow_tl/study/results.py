@@ -302,14 +302,19 @@ def shards(path: Path) -> List[Path]:
     return sorted(path.parent.glob(f"{path.stem}.rank*-of-*.jsonl"))
 
 
-def _merged_records(path: Path, config: dict) -> List[dict]:
-    seen: Dict[tuple, dict] = {}
+def _merged_records(path: Path, config: dict, read=None, key=None) -> List[dict]:
+    """The records of ``path`` and of its shards, each ``key`` once (the first seen), every
+    header checked against ``config``. ``read``/``key`` default to this module's results
+    file and item key; the validation study passes its own."""
+    read = read_results if read is None else read
+    key = key or (lambda r: (r["problem_id"], r["condition"], r["sample"]))
+    seen: Dict[object, dict] = {}
     for source in [path] + shards(path):
-        header, recs = read_results(source, tolerate_partial=source != path)
+        header, recs = read(source, tolerate_partial=source != path)
         if header is not None:
             check_config(source, header, config)
         for r in recs:
-            seen.setdefault((r["problem_id"], r["condition"], r["sample"]), r)
+            seen.setdefault(key(r), r)
     return list(seen.values())
 
 

@@ -51,7 +51,7 @@ from ..traces.hookpoints import attach_trace, step_pattern_name
 from ..traces.records import json_lines
 from ..viz import Report
 from .conditions import CONDITIONS, describe, resolve_conditions
-from .results import _truncate_partial_line, check_config, shard_path, shards
+from .results import _merged_records, _truncate_partial_line, check_config, shard_path, shards
 from .run import distributed_state
 
 VALIDATION_CONDITIONS = ("baseline", "stepflow", "oeb", "smi", "random_bridge", "matched_noise",
@@ -368,14 +368,8 @@ def run_config(model, traces, config: ValidationConfig, **settings) -> dict:
 
 
 def _merged(path: Path, config: dict) -> List[dict]:
-    seen: Dict[int, dict] = {}
-    for source in [path] + shards(path):
-        header, recs = read_validation(source, tolerate_partial=source != path)
-        if header is not None:
-            check_config(source, header, config)
-        for r in recs:
-            seen.setdefault(int(r["index"]), r)
-    return [seen[i] for i in sorted(seen)]
+    index = lambda r: int(r["index"])  # noqa: E731
+    return sorted(_merged_records(path, config, read_validation, index), key=index)
 
 
 def _mergeshards(path: Path, config: dict) -> None:
