@@ -152,6 +152,32 @@ def test_blockwise_loss_is_exact_in_fp32(tiny_model, trace):
         assert torch.equal(bounded.maps, dense.maps), loss
 
 
+@pytest.mark.parametrize("mode", ["bounded", "tiled"])
+def test_free_heap_is_released_after_each_block_and_before_its_backward(tiny_model, trace, monkeypatch, mode):
+    """On CPU the checkpointed blocks hand glibc's free pages back twice per block (after
+    its first forward, and when its output gradient arrives), and the maps do not change."""
+    import stepflow_tl.tl.hooks as hooks
+
+    calls = []
+    monkeypatch.setattr(hooks, "_malloc_trim", lambda: calls.append)
+    trimmed = step_saliency(tiny_model, trace, mode=mode)
+    assert calls == [0] * (2 * tiny_model.cfg.n_layers)
+    monkeypatch.setattr(hooks, "_malloc_trim", lambda: None)
+    untrimmed = step_saliency(tiny_model, trace, mode=mode)
+    assert torch.equal(trimmed.maps, untrimmed.maps)
+
+
+def test_free_heap_release_finds_glibc_and_is_a_no_op_without_it(monkeypatch):
+    import platform
+
+    import stepflow_tl.tl.hooks as hooks
+
+    if platform.libc_ver()[0] == "glibc":
+        assert callable(hooks._malloc_trim())
+    monkeypatch.setattr(hooks, "_malloc_trim", lambda: None)
+    assert hooks.release_free_heap() is None
+
+
 def test_blockwise_loss_refuses_transformed_logits(tiny_model, tiny_hf, trace, monkeypatch):
     """A model that changes its logits after the unembedding (soft-capping, a logit
     scale) would make the block-wise loss wrong: bounded mode says so, dense still works,
