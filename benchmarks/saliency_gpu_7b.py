@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     import torch
 
     from stepflow_tl import step_saliency
-    from stepflow_tl.saliency.tiled import tiled_attention
+    from stepflow_tl.tl.attention import tiled_attention
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32768)

@@ -134,6 +134,33 @@ def test_the_library_never_imports_the_cli():
     assert not bad, "\n".join(bad)
 
 
+# TransformerLens' HookPoint is the one backend-neutral piece every layer may use.
+BACKEND_NEUTRAL = {"transformer_lens.hook_points"}
+
+
+def test_only_tl_knows_the_backends():
+    """Outside tl/ no module asks ``adapter(model).kind`` or imports transformers or
+    TransformerLens internals: what differs between the backends has one home."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if _layer(_module_name(path)) == "tl":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                targets = []
+            for target in targets:
+                if target.split(".")[0] in ("transformers", "transformer_lens") and target not in BACKEND_NEUTRAL:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
+            if (isinstance(node, ast.Attribute) and node.attr == "kind" and isinstance(node.value, ast.Call)
+                    and getattr(node.value.func, "id", None) == "adapter"):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} asks adapter(...).kind")
+    assert not bad, "\n".join(bad)
+
+
 def test_private_names_stay_in_their_subpackage():
     bad = []
     for path, line, module, target, names in _all_imports():

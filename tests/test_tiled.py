@@ -14,7 +14,7 @@ from reference import hf_attention_and_grads, pool_loop, reference_saliency
 from stepflow_tl import StepflowError
 from stepflow_tl.saliency.compute import step_saliency
 from stepflow_tl.saliency.losses import answer_token_positions
-from stepflow_tl.saliency.tiled import TileSpec, tiled_attention, tiled_attention_heads, tiled_unsupported_reason
+from stepflow_tl.tl.attention import TileSpec, tiled_attention, tiled_attention_heads, tiled_unsupported_reason
 from stepflow_tl.tl.adapter import adapter
 from stepflow_tl.tl.models import load_model, make_tiny_hf
 from stepflow_tl.traces.trace import Trace

@@ -32,11 +32,12 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from ..errors import StepflowError
 from ..tl.adapter import adapter, attn_hook, block_hook
+from ..tl.attention import tiled_attention, tiled_unsupported_reason
 from ..tl.hooks import PermanentHooks, checkpointed_blocks, layer_of
 from ..traces.pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
 from .losses import LossFn, at_least_fp32, loss_in_unembedding, loss_target_positions, resolve_loss
 from .maps import StepSaliency
-from .tiled import TilePooler, tiled_attention, tiled_unsupported_reason
+from .tiled import TilePooler
 
 SALIENCY_POOLS = ("mean", "causal_mean")
 
@@ -194,8 +195,8 @@ class _BoundedGradients:
 
 class _TiledGradients:
     """Tiled mode: as bounded, but no pattern exists. Every layer's attention runs as
-    `tiled.TiledAttention`, whose backward pools each recomputed tile of |A * dL/dA|
-    (`tiled.TilePooler`); backward stops at the lowest mapped block's input."""
+    `tl.attention.TiledAttention`, whose backward hands each recomputed tile of
+    |A * dL/dA| to that layer's `tiled.TilePooler`; backward stops at the lowest mapped block's input."""
 
     def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool):
         self.pooler, self.layers = pooler, layers
@@ -251,7 +252,7 @@ def step_saliency(
         mode: ``"dense"`` (reference), ``"bounded"`` (activation checkpointing and a
             block-wise loss, memory of one layer's attention), ``"tiled"`` (as bounded,
             and attention runs tile by tile with the pooling inside its backward
-            (`stepflow_tl.saliency.tiled`): no ``T x T`` matrix, memory linear in T; the
+            (`stepflow_tl.tl.attention`): no ``T x T`` matrix, memory linear in T; the
             layers' ``hook_attn_scores``/``hook_pattern`` do not fire) or ``"auto"``
             (tiled above `AUTO_TILED_ABOVE` tokens where the model's attention allows
             it, else bounded). All are exact. Bounded and tiled modes refuse a built-in

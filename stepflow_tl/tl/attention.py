@@ -1,0 +1,488 @@
+"""Tiled attention: exact softmax attention that never forms a ``T x T`` matrix.
+
+`TiledAttention` is an autograd function that computes a layer's attention the way
+FlashAttention does, in tiles of query rows x keys:
+
+- forward: for each block of query rows, the keys are visited a tile at a time with an
+  online softmax; only the output ``z`` and the row log-sum-exp are kept (``O(T d)``);
+- backward: each tile of ``A`` is recomputed from the rotated queries and keys and the
+  row log-sum-exp, and the gradients of q, k, v follow FlashAttention's backward. The
+  tile's ``|A * dL/dA|`` (with ``dL/dA = dL/dz . V^T``) is handed to a callback, which
+  is how `stepflow_tl.saliency` pools Step-Saliency without the attention matrix.
+
+Tiles above the causal diagonal (and before a sliding window) are skipped, not
+masked. Grouped-query heads share their key/value head without copying: the query
+heads of one group are stacked along the rows of the tile.
+
+`tiled_attention` installs the function in the attention of a ``TransformerBridge``
+(Llama/Qwen2/Mistral-style rotary attention, `PositionEmbeddingsAttentionBridge`) or
+a ``HookedTransformer``, for the duration of a ``with`` block. Reproducing each
+backend's attention up to its rotated q and k is backend code, so it lives here, next
+to the adapter. It refuses attention it cannot reproduce exactly (soft-capping, ALiBi,
+relative biases, QK-norms other than Qwen3's, gates, KV caches, ...) with a
+`StepflowError`.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Callable, Optional
+
+import torch
+from jaxtyping import Float
+
+from ..errors import StepflowError
+from .adapter import adapter
+
+TileFn = Callable[[slice, slice, torch.Tensor], None]
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Scores and softmax in fp32 at least (float64 models keep float64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class TileSpec:
+    """The mask of a layer's attention, as position rules rather than a matrix.
+
+    Attributes:
+        scale: multiplier of ``q . k``.
+        causal: keys after the query are masked.
+        window: sliding window, keys ``k <= t - window`` are masked (None: no window).
+        block: tile side in tokens.
+    """
+
+    def __init__(self, scale: float, causal: bool = True, window: Optional[int] = None,
+                 block: int = 256):
+        if window is not None and window < 1:
+            raise StepflowError(f"sliding window must be >= 1, got {window}")
+        self.scale = float(scale)
+        self.causal = causal
+        self.window = window
+        self.block = int(block)
+
+    def key_range(self, q0: int, q1: int, n_keys: int) -> tuple:
+        """Keys ``[lo, hi)`` that query rows ``[q0, q1)`` may see."""
+        lo = 0 if self.window is None else max(0, q0 - self.window + 1)
+        hi = min(n_keys, q1) if self.causal else n_keys
+        return lo, hi
+
+    def tile_mask(self, q0, q1, k0, k1, device) -> Optional[torch.Tensor]:
+        """``[q, k]`` bool of allowed pairs, or None when the whole tile is allowed."""
+        inside_causal = not self.causal or k1 - 1 <= q0
+        inside_window = self.window is None or k0 > q1 - 1 - self.window
+        if inside_causal and inside_window:
+            return None
+        t = torch.arange(q0, q1, device=device)[:, None]
+        k = torch.arange(k0, k1, device=device)[None, :]
+        allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+        if self.causal:
+            allowed &= k <= t
+        if self.window is not None:
+            allowed &= k > t - self.window
+        return allowed
+
+
+def _tiles(spec: TileSpec, n_q: int, n_k: int):
+    """``(q0, q1, k0, k1)`` of every tile with at least one allowed pair."""
+    b = spec.block
+    for q0 in range(0, n_q, b):
+        q1 = min(n_q, q0 + b)
+        lo, hi = spec.key_range(q0, q1, n_k)
+        for k0 in range(lo, hi, b):
+            yield q0, q1, k0, min(hi, k0 + b)
+
+
+class TiledAttention(torch.autograd.Function):
+    """``z = softmax(scale * q k^T + mask [+ sink column]) v`` without the ``T x T`` matrix.
+
+    Inputs (grouped layout: ``n = batch * kv_head``, ``g`` query heads per kv head):
+        q: ``[n, g, T, d]``; k, v: ``[n, T, d]``;
+        key_valid: ``[n, T]`` bool or None (False: padding, never attended);
+        sinks: ``[n, g]`` sink logits (GPT-OSS) or None;
+        spec: `TileSpec`; on_tile: called in backward as ``on_tile(rows, cols, values)``
+        with ``values [n, g, q, k]`` = ``|A * dL/dA|`` of the tile, or None.
+
+    Rows with no allowed key (left padding) give ``z = 0``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_valid, sinks, spec, on_tile):
+        cd = _compute_dtype(q)
+        n, g, T, d = q.shape
+        n_k = k.shape[1]
+        out = torch.zeros(n, g, T, d, dtype=cd, device=q.device)
+        lse = torch.empty(n, g, T, dtype=cd, device=q.device)
+        for q0 in range(0, T, spec.block):
+            q1 = min(T, q0 + spec.block)
+            rows = q1 - q0
+            qb = q[:, :, q0:q1].to(cd).reshape(n, g * rows, d)
+            m = torch.full((n, g * rows), -torch.inf, dtype=cd, device=q.device)
+            l = torch.zeros(n, g * rows, dtype=cd, device=q.device)
+            acc = torch.zeros(n, g * rows, d, dtype=cd, device=q.device)
+            lo, hi = spec.key_range(q0, q1, n_k)
+            for k0 in range(lo, hi, spec.block):
+                k1 = min(hi, k0 + spec.block)
+                s = _scores(qb, k, key_valid, spec, q0, q1, k0, k1, g, cd)
+                m_new = torch.maximum(m, s.amax(-1))
+                shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                p = torch.exp(s - shift[..., None])
+                rescale = torch.exp(m - shift)
+                l = l * rescale + p.sum(-1)
+                acc = acc * rescale[..., None] + p @ v[:, k0:k1].to(cd)
+                m = m_new
+            block_lse = m + torch.log(l)
+            if sinks is not None:
+                sink = sinks.to(cd)[:, :, None].expand(n, g, rows).reshape(n, g * rows)
+                block_lse = torch.logaddexp(block_lse, sink)
+            # A row with no visible key (and no sink) has lse -inf: +inf makes its
+            # probabilities exp(s - inf) = 0 in backward and its output 0 here.
+            block_lse = torch.where(torch.isneginf(block_lse), torch.full_like(block_lse, torch.inf), block_lse)
+            shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            acc = acc * torch.exp(shift - block_lse)[..., None]
+            out[:, :, q0:q1] = acc.reshape(n, g, rows, d)
+            lse[:, :, q0:q1] = block_lse.reshape(n, g, rows)
+        ctx.spec, ctx.on_tile = spec, on_tile
+        ctx.has_valid, ctx.has_sinks = key_valid is not None, sinks is not None
+        ctx.save_for_backward(q, k, v, out, lse,
+                              *([key_valid] if key_valid is not None else []),
+                              *([sinks] if sinks is not None else []))
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        key_valid = rest.pop(0) if ctx.has_valid else None
+        sinks = rest.pop(0) if ctx.has_sinks else None
+        spec, on_tile = ctx.spec, ctx.on_tile
+        cd = out.dtype
+        n, g, T, d = q.shape
+        dout = dout.to(cd)
+        delta = (dout * out).sum(-1)  # [n, g, T]: sum_k A dP = dz . z
+        dq = torch.zeros(n, g, T, d, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+        for q0, q1, k0, k1 in _tiles(spec, T, k.shape[1]):
+            rows = q1 - q0
+            qb = q[:, :, q0:q1].to(cd).reshape(n, g * rows, d)
+            dob = dout[:, :, q0:q1].reshape(n, g * rows, d)
+            kb, vb = k[:, k0:k1].to(cd), v[:, k0:k1].to(cd)
+            s = _scores(qb, k, key_valid, spec, q0, q1, k0, k1, g, cd)
+            p = torch.exp(s - lse[:, :, q0:q1].reshape(n, g * rows)[..., None])
+            dp = dob @ vb.transpose(-1, -2)
+            if on_tile is not None:
+                on_tile(slice(q0, q1), slice(k0, k1), (p * dp).abs_().reshape(n, g, rows, k1 - k0))
+            ds = p * (dp - delta[:, :, q0:q1].reshape(n, g * rows)[..., None])
+            dv[:, k0:k1] += p.transpose(-1, -2) @ dob
+            dq[:, :, q0:q1] += (ds @ kb).reshape(n, g, rows, d) * spec.scale
+            dk[:, k0:k1] += (ds.transpose(-1, -2) @ qb) * spec.scale
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[4]:
+            # the sink column's own probability times (0 - delta): it carries no value
+            dsinks = -(torch.exp(sinks.to(cd)[:, :, None] - lse) * delta).sum(-1).to(sinks.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, dsinks, None, None
+
+
+def _scores(qb, k, key_valid, spec, q0, q1, k0, k1, g, cd):
+    """Masked scores of one tile, ``[n, g * rows, cols]`` (masked pairs are -inf)."""
+    n = qb.shape[0]
+    s = (qb @ k[:, k0:k1].to(cd).transpose(-1, -2)) * spec.scale
+    allowed = spec.tile_mask(q0, q1, k0, k1, qb.device)
+    if allowed is not None:
+        allowed = allowed[None, None].expand(n, g, -1, -1).reshape(n, g * (q1 - q0), k1 - k0)
+    if key_valid is not None:
+        valid = key_valid[:, None, k0:k1]
+        allowed = valid if allowed is None else allowed & valid
+    if allowed is not None:
+        s = s.masked_fill(~allowed, -torch.inf)
+    return s
+
+
+def tiled_attention_heads(
+    q: Float[torch.Tensor, "batch head pos d_head"],
+    k: Float[torch.Tensor, "batch kv_head pos d_head"],
+    v: Float[torch.Tensor, "batch kv_head pos d_head"],
+    spec: TileSpec,
+    *,
+    key_valid: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
+    on_tile: Optional[TileFn] = None,
+) -> Float[torch.Tensor, "batch head pos d_head"]:
+    """Attention output of every head, as ``softmax(scale q k^T + mask) v``, tiled.
+
+    Args:
+        q: rotated queries; k, v: rotated keys and values of the ``kv_head`` groups
+            (query head ``h`` uses kv head ``h // (head / kv_head)``, as ``repeat_kv``).
+        key_valid: ``[batch, pos]``, False on padding.
+        sinks: ``[head]`` attention-sink logits, or None.
+        on_tile: receives ``(rows, cols, values [batch * kv_head, group, q, k])`` during
+            backward; ``values`` is ``|A * dL/dA|`` of the tile.
+    """
+    b, h, T, d = q.shape
+    kvh = k.shape[1]
+    if h % kvh:
+        raise StepflowError(f"{h} query heads do not split into {kvh} key/value heads")
+    g = h // kvh
+    qg = q.reshape(b * kvh, g, T, d)
+    kg, vg = k.reshape(b * kvh, -1, d), v.reshape(b * kvh, -1, d)
+    valid = None if key_valid is None else key_valid.bool()[:, None].expand(b, kvh, -1).reshape(b * kvh, -1)
+    sink = None if sinks is None else sinks.reshape(1, kvh, g).expand(b, -1, -1).reshape(b * kvh, g)
+    out = TiledAttention.apply(qg, kg, vg, valid, sink, spec, on_tile)
+    return out.reshape(b, h, T, d)
+
+
+# ---------------------------------------------------------------------- installing it in models
+class tiled_attention:
+    """Run the attention of ``model``'s blocks with `tiled_attention_heads`, for a ``with`` block.
+
+    Args:
+        model: ``TransformerBridge`` or ``HookedTransformer``.
+        on_tile: ``layer -> TileFn or None``: the pooler of each layer (None: no pooling).
+
+    Each attention module's ``forward`` is shadowed (instance ``__dict__``), then restored.
+    The hooks on ``O(T d)`` tensors still fire where the model fires them (``hook_q``,
+    ``hook_k``, ``hook_v``, ``hook_rot_q``, ``hook_rot_k``, ``hook_z``), and their edits
+    flow through; ``hook_attn_scores`` and ``hook_pattern`` do not, as no pattern exists:
+    a hook installed on them makes this raise rather than be ignored.
+    """
+
+    # Side of a square tile, in tokens: a tile of 9 heads is 2.4 MB in fp32, and a 32k
+    # trace has 8k tiles per pass per layer, few enough for a Python loop.
+    BLOCK = 256
+
+    def __init__(self, model, on_tile: Callable[[int], Optional[TileFn]]):
+        self.model = model
+        self.kind = adapter(model).kind
+        self.on_tile = on_tile
+        self.block = self.BLOCK
+        self._stack = ExitStack()
+
+    def __enter__(self):
+        try:
+            for layer, block in enumerate(self.model.blocks):
+                attn = block.attn
+                _refuse_pattern_hooks(attn, layer)
+                make = _bridge_forward if self.kind == "bridge" else _hooked_forward
+                vars(attn)["forward"] = make(attn, layer, self)
+                self._stack.callback(vars(attn).pop, "forward", None)
+            if self.kind == "bridge":
+                self._stack.enter_context(_no_materialised_mask(self.model))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+
+def tiled_unsupported_reason(model) -> Optional[str]:
+    """Why `tiled_attention` would refuse ``model``, or None if it runs it."""
+    try:
+        with tiled_attention(model, lambda layer: None):
+            pass
+    except StepflowError as error:
+        return str(error)
+    return None
+
+
+def _refuse_pattern_hooks(attn, layer: int) -> None:
+    for name in ("hook_attn_scores", "hook_pattern"):
+        point = getattr(attn, name, None)
+        if point is not None and (point.fwd_hooks or point.bwd_hooks):
+            raise StepflowError(
+                f"blocks.{layer}.attn.{name} has hooks, but tiled attention forms no "
+                "T x T scores or pattern, so they would not run; remove them or use "
+                "mode='bounded' (which runs the model's own attention)"
+            )
+
+
+class _no_materialised_mask:
+    """Let transformers pass a 2D padding mask (or None), not a ``[batch, 1, T, T]`` one.
+
+    The eager mask of a 32k trace is 4 GiB in fp32. The flash-attention mask interface
+    of ``transformers.masking_utils`` returns None when nothing is padded and the 2D
+    ``[batch, T]`` padding mask otherwise; the tiled forward applies the causal and
+    sliding-window rules itself. Only the mask builder reads this setting: the
+    bridge's attention is our own function for the duration.
+    """
+
+    def __init__(self, model):
+        self.config = model.original_model.config
+        self.before = None
+
+    def __enter__(self):
+        self.before = self.config._attn_implementation
+        self.config._attn_implementation = "flash_attention_2"
+        return self
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.before
+        return False
+
+
+def _unsupported(layer: int, what: str) -> StepflowError:
+    return StepflowError(
+        f"blocks.{layer}.attn: tiled attention cannot reproduce {what} exactly; "
+        "use mode='bounded' or mode='dense'"
+    )
+
+
+def _key_valid(attention_mask, layer: int) -> Optional[torch.Tensor]:
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim != 2:
+        raise _unsupported(layer, f"a {attention_mask.ndim}-D attention mask (tiled attention takes a 2-D padding mask)")
+    return attention_mask.bool()
+
+
+def _check_bridge_attention(attn, layer: int) -> None:
+    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+        PositionEmbeddingsAttentionBridge,
+    )
+
+    if not isinstance(attn, PositionEmbeddingsAttentionBridge) or (
+        type(attn).forward is not PositionEmbeddingsAttentionBridge.forward
+    ) or type(attn)._pre_output_projection is not PositionEmbeddingsAttentionBridge._pre_output_projection:
+        raise _unsupported(layer, f"{type(attn).__name__} (only rotary attention of "
+                                  "PositionEmbeddingsAttentionBridge: Llama, Qwen2, Mistral, ...)")
+    hf = attn.original_component
+    cfg = attn.config
+    checks = [
+        (getattr(hf, "attn_logit_softcapping", None) is not None, "attention-logit soft-capping"),
+        (bool(getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)), "split q/k/v inputs"),
+        (bool(getattr(cfg, "use_attn_result", False)), "use_attn_result (per-head results)"),
+        (bool(getattr(cfg, "gated_q_proj", False)) or "gate" in attn.submodules, "gated attention"),
+        (("q_norm" in attn.submodules or "k_norm" in attn.submodules) and not _plain_qk_norm(attn),
+         "QK-norms other than Qwen3's (per-head RMSNorm before the rotary embedding)"),
+        (getattr(hf, "key_multiplier", None) is not None, "a key multiplier"),
+        (getattr(getattr(hf, "config", None), "clip_qkv", None) is not None, "clip_qkv"),
+        (bool(getattr(cfg, "rotary_interleaved_cos_sin", False) or getattr(cfg, "rotary_adjacent_pairs", False)),
+         "adjacent-pair rotary embeddings"),
+        (isinstance(getattr(getattr(hf, "config", None), "rope_parameters", None), dict)
+         and hf.config.rope_parameters.get("llama_4_scaling_beta") is not None, "llama-4 query scaling"),
+        (attn.training and getattr(hf, "attention_dropout", 0.0) > 0, "attention dropout in training mode"),
+        (not attn.is_causal or getattr(attn, "is_cross_attention", False), "non-causal or cross attention"),
+    ]
+    for bad, what in checks:
+        if bad:
+            raise _unsupported(layer, what)
+
+
+def _plain_qk_norm(attn) -> bool:
+    """Qwen3's QK-norm: one ``[d_head]`` norm over each head's q (and k), before RoPE."""
+    return (
+        getattr(attn, "_qk_norm_phase", None) == "post_reshape" and not getattr(attn, "_qk_norm_per_head", False)
+        and not getattr(attn.config, "qk_norm_after_rope", False)
+    )
+
+
+def _bridge_forward(attn, layer: int, owner: tiled_attention):
+    """The bridge's rotary attention forward (TL 4.x `PositionEmbeddingsAttentionBridge`),
+    the same hooks and operations up to ``hook_rot_k``, then `tiled_attention_heads`."""
+    _check_bridge_attention(attn, layer)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hf = attn.original_component
+    head_dim = hf.head_dim
+    # Qwen2/GPT-OSS store the window of sliding layers on the module (None on full
+    # layers); Mistral passes its config's window to every layer.
+    window = hf.sliding_window if hasattr(hf, "sliding_window") else getattr(hf.config, "sliding_window", None)
+    spec = TileSpec(getattr(hf, "scaling", head_dim ** -0.5), causal=True, window=window, block=owner.block)
+
+    def forward(*args, **kwargs):
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        position_embeddings = kwargs.pop("position_embeddings", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        # transformers 5.24 renamed the layer's past_key_values to cache
+        if any(kwargs.get(name) is not None for name in ("past_key_values", "past_key_value", "cache")):
+            raise _unsupported(layer, "a KV cache")
+        hidden = attn.hook_in(hidden)
+        input_shape = hidden.shape[:-1]
+        shape = (*input_shape, -1, head_dim)
+        q = attn.q(hidden).view(shape).transpose(1, 2)
+        k = attn.k(hidden).view(shape).transpose(1, 2)
+        v = attn.v(hidden).view(shape).transpose(1, 2)
+        if "q_norm" in attn.submodules:
+            q = attn.hook_q_normed(attn.q_norm(q))
+        if "k_norm" in attn.submodules:
+            k = attn.hook_k_normed(attn.k_norm(k))
+        if position_embeddings is None:
+            if getattr(attn.config, "positional_embedding_type", None) == "rotary":
+                raise _unsupported(layer, "rotary attention without position embeddings")
+        else:
+            from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+
+            cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
+            rotary_dim = cos.shape[-1]
+            if rotary_dim * 2 == head_dim and get_rotary_pct_from_config(attn.config) == 1.0:
+                cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            elif rotary_dim < head_dim:
+                q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+                q = torch.cat([q_rot, q[..., rotary_dim:]], dim=-1)
+                k = torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
+            else:
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if hasattr(attn, "hook_rot_q"):
+            q = attn.hook_rot_q(q)
+        if hasattr(attn, "hook_rot_k"):
+            k = attn.hook_rot_k(k)
+        z = tiled_attention_heads(
+            q, k, v, spec, key_valid=_key_valid(attention_mask, layer),
+            sinks=getattr(hf, "sinks", None), on_tile=owner.on_tile(layer),
+        )
+        z = z.transpose(1, 2).reshape(*input_shape, -1)
+        o_weight = getattr(attn.o.original_component, "weight", None)
+        if isinstance(o_weight, torch.Tensor) and o_weight.dtype.is_floating_point and z.dtype != o_weight.dtype:
+            z = z.to(o_weight.dtype)
+        return attn.hook_out(attn.o(z)), None
+
+    return forward
+
+
+def _hooked_forward(attn, layer: int, owner: tiled_attention):
+    """TL 3.9 ``AbstractAttention.forward`` for causal rotary/standard attention, with
+    the same hooks up to ``hook_rot_k`` and ``hook_z``, then the output projection."""
+    import torch.nn.functional as F
+
+    cfg = attn.cfg
+    checks = [
+        (cfg.positional_embedding_type in ("alibi", "relative_positional_bias"),
+         f"{cfg.positional_embedding_type} position biases"),
+        (cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"), "QK-norms"),
+        (cfg.clip_qkv is not None, "clip_qkv"),
+        (bool(cfg.use_logn_attn), "log-n attention scaling"),
+        (bool(cfg.attn_scores_soft_cap and cfg.attn_scores_soft_cap > 0), "attention-score soft-capping"),
+        (bool(cfg.use_attn_result), "use_attn_result (hook_result)"),
+        (bool(cfg.load_in_4bit), "4-bit weights"),
+        ((attn._attention_dir_override or cfg.attention_dir) != "causal", "non-causal attention"),
+        (bool(getattr(cfg, "ungroup_grouped_query_attention", False)), "ungrouped grouped-query attention"),
+    ]
+    for bad, what in checks:
+        if bad:
+            raise _unsupported(layer, what)
+    window = cfg.window_size if attn.attn_type == "local" else None
+    spec = TileSpec(1.0 / attn.attn_scale, causal=True, window=window, block=owner.block)
+
+    def forward(query_input, key_input, value_input, past_kv_cache_entry=None,
+                additive_attention_mask=None, attention_mask=None, position_bias=None):
+        if past_kv_cache_entry is not None:
+            raise _unsupported(layer, "a KV cache")
+        if additive_attention_mask is not None:
+            raise _unsupported(layer, "an additive attention mask")
+        q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+        if cfg.positional_embedding_type == "rotary":
+            q = attn.hook_rot_q(attn.apply_rotary(q, 0, attention_mask))
+            k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+        z = tiled_attention_heads(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec,
+            key_valid=_key_valid(attention_mask, layer),
+            sinks=attn.sinks if getattr(cfg, "use_attention_sinks", False) else None, on_tile=owner.on_tile(layer),
+        )
+        z = attn.hook_z(z.transpose(1, 2))
+        w = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
+        z = z.to(w.dtype).reshape(z.shape[0], z.shape[1], -1)
+        return F.linear(z, w.to(z.device), attn.b_O.to(z.device))
+
+    return forward
