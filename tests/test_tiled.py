@@ -326,3 +326,23 @@ def test_qwen3_qk_norms(tokenizer, trace):
     model = _tiny_bridge_of(hf, tokenizer)
     dense = step_saliency(model, trace, mode="dense")
     assert _rel(step_saliency(model, trace, mode="tiled").maps, dense.maps) < 1e-6
+
+
+@pytest.mark.smollm2
+def test_exactness_benchmark_runs_and_reports_each_pair():
+    """benchmarks/saliency_tiled_exactness.py on the shortest real trace with an answer."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/saliency_tiled_exactness.py", "--max-tokens", "500",
+         "--losses", "answer", "--pools", "mean", "causal_mean"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "record 63 of r1_traces.jsonl: T = 473" in out.stdout, out.stdout
+    rel = [float(x) for x in re.findall(r"\|\s+answer \|\s+\w+ \|\s+\S+ \|\s+(\S+) \|", out.stdout)]
+    assert len(rel) == 2 and max(rel) < 1e-5, out.stdout
