@@ -282,6 +282,31 @@ def test_saliency_file_names_are_unique_per_item_after_sanitising(tiny_bridge, t
     assert set(result.items["saliency"]) == {str(f.relative_to(tmp_path / "out")) for f in files}
 
 
+def test_study_maps_follow_auto_mode_so_long_traces_are_tiled(tiny_bridge, tokenizer, monkeypatch):
+    """evaluate's maps use mode="auto": with the threshold lowered below the trace's
+    length, the map is tiled, and equals the bounded map to fp32 rounding."""
+    import importlib
+    from dataclasses import replace
+
+    import stepflow_tl.saliency.compute as compute
+    from stepflow_tl.traces.trace import Trace
+
+    trace = Trace.from_parts(tokenizer, question="What is 2 + 3?", thinking="First.\n\nThen five.", summary="5")
+    run_module = importlib.import_module("stepflow_tl.study.run")
+    real = run_module.generate
+    monkeypatch.setattr(run_module, "generate", lambda *a, **kw: [replace(g, trace=trace) for g in real(*a, **kw)])
+    maps = {}
+    for threshold in (4, 10**9):
+        monkeypatch.setattr(compute, "AUTO_TILED_ABOVE", threshold)
+        result = evaluate(tiny_bridge, [Problem("a1", "What is 2 + 3?", "5", "integer")], conditions=["baseline"],
+                          max_new_tokens=2, progress=False, saliency=True)
+        (saliency,) = result.saliency.values()
+        assert saliency.meta["requested_mode"] == "auto"
+        maps[saliency.meta["mode"]] = saliency.maps
+    assert set(maps) == {"tiled", "bounded"}
+    assert float((maps["tiled"] - maps["bounded"]).abs().max()) <= 1e-6 * float(maps["bounded"].abs().max())
+
+
 # --------------------------------------------------------------------------- statistics and report
 def _fake_saliency(rng, pid, correct, n_steps=4):
     maps = torch.from_numpy(np.tril(rng.random((4, n_steps, n_steps))))

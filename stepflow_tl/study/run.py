@@ -178,7 +178,8 @@ def evaluate(
         results_path: JSONL file to stream to and resume from (required with several
             processes).
         progress: a tqdm bar on the main process.
-        saliency: ``True``: Step-Saliency (bounded mode) of every generated trace;
+        saliency: ``True``: Step-Saliency (``mode="auto"``: bounded, tiled above 2,048
+            tokens where the model's attention allows it) of every generated trace;
             an int k: of at most k correct and k incorrect traces per condition (per
             process under accelerate); maps are saved next to ``results_path``
             (``<stem>.saliency/``).
@@ -333,10 +334,11 @@ def evaluate(
 
 
 def _save_saliency(model, gen, problem, condition, sample, correct, path, loss) -> tuple:
-    """Step-Saliency (bounded mode) of a generated trace, saved before the item line is
-    written so a finished item always has its map. Returns (the path relative to the
-    results file's directory, or "memory" without a results file; the result)."""
-    result = step_saliency(model, gen.trace, loss=loss, mode="bounded")
+    """Step-Saliency (``mode="auto"``, so long traces are tiled) of a generated trace,
+    saved before the item line is written so a finished item always has its map. Returns
+    (the path relative to the results file's directory, or "memory" without a results
+    file; the result)."""
+    result = step_saliency(model, gen.trace, loss=loss, mode="auto")
     result.meta.update(problem_id=problem.id, condition=condition, sample=sample, correct=bool(correct))
     target = _saliency_path(path, condition, problem.id, sample)
     if target is None:
