@@ -23,6 +23,7 @@ import ctypes.util
 import functools
 from typing import Callable, Iterator, Optional
 
+import torch
 from torch.utils.checkpoint import checkpoint
 from transformer_lens.hook_points import HookPoint
 
@@ -122,7 +123,7 @@ def checkpointed_blocks(model, first: int) -> Iterator[None]:
             def forward(*args, _original=original, **kwargs):
                 out = checkpoint(_original, *args, use_reentrant=False, **kwargs)
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
-                if hidden.device.type == "cpu":
+                if isinstance(hidden, torch.Tensor) and hidden.device.type == "cpu":
                     release_free_heap()
                     if hidden.requires_grad:
                         hidden.register_hook(_release_before_backward)
