@@ -322,15 +322,23 @@ def merge_shards(path, config: dict) -> Path:
     """Fold every shard of ``path`` into it (atomic replace, one line per item) and
     delete the shards."""
     path = Path(path)
-    records = _merged_records(path, config)
+    replace_with_merged(path, {"type": "config", "version": RESULTS_VERSION, "config": config},
+                        "item", _merged_records(path, config))
+    return path
+
+
+def replace_with_merged(path: Path, header: dict, line_type: str, records: List[dict],
+                        allow_nan: bool = True) -> None:
+    """Write ``header`` and one ``{"type": line_type, **record}`` line per record to
+    ``path`` (atomically: a crash leaves the old file or the new one), then delete the
+    shards that were merged into ``records``."""
     tmp = path.with_suffix(path.suffix + ".merging")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"type": "config", "version": RESULTS_VERSION, "config": config}, sort_keys=True) + "\n")
+        f.write(json.dumps(header, sort_keys=True) + "\n")
         for r in records:
-            f.write(json.dumps({"type": "item", **r}, sort_keys=True) + "\n")
+            f.write(json.dumps({"type": line_type, **r}, sort_keys=True, allow_nan=allow_nan) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     for shard in shards(path):
         shard.unlink()
-    return path

@@ -51,7 +51,7 @@ from ..traces.hookpoints import attach_trace, step_pattern_name
 from ..traces.records import json_lines
 from ..viz import Report
 from .conditions import CONDITIONS, describe, resolve_conditions
-from .results import _merged_records, _truncate_partial_line, check_config, shard_path, shards
+from .results import _merged_records, _truncate_partial_line, check_config, replace_with_merged, shard_path, shards
 from .run import distributed_state
 
 VALIDATION_CONDITIONS = ("baseline", "stepflow", "oeb", "smi", "random_bridge", "matched_noise",
@@ -373,17 +373,8 @@ def _merged(path: Path, config: dict) -> List[dict]:
 
 
 def _mergeshards(path: Path, config: dict) -> None:
-    records = _merged(path, config)
-    tmp = path.with_suffix(path.suffix + ".merging")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"type": "config", "version": VALIDATION_VERSION, "config": config}, sort_keys=True) + "\n")
-        for r in records:
-            f.write(json.dumps({"type": "trace", **r}, sort_keys=True, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for shard in shards(path):
-        shard.unlink()
+    replace_with_merged(path, {"type": "config", "version": VALIDATION_VERSION, "config": config},
+                        "trace", _merged(path, config), allow_nan=False)
 
 
 def validate(model, traces, out, *, config: Optional[ValidationConfig] = None, progress: bool = True,
