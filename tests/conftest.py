@@ -52,6 +52,27 @@ def non_canonical_output(tok):
             + tok.encode(" is 4.\n</think>\n\n4", add_special_tokens=False))
 
 
+def apples_trace(tok):
+    """The ~90-token word problem the saliency and tiled tests map (four thinking steps)."""
+    from stepflow_tl.traces.trace import Trace
+
+    thinking = ("Anna starts with 7 apples.\n\nShe buys 5 more, so 7 + 5 = 12.\n\n"
+                "Then she gives 4 away: 12 - 4 = 8.\n\nCheck: 8 + 4 = 12, fine.")
+    return Trace.from_parts(
+        tok, question="Anna has 7 apples, buys 5 and gives 4 away. How many are left?",
+        thinking=thinking, summary="She has 8 apples left.\n\nAnswer: \\boxed{8}",
+    )
+
+
+def sum_trace(tok):
+    """A short four-step trace for the intervention and validation tests."""
+    from stepflow_tl.traces.trace import Trace
+
+    thinking = "\n\n".join(["First add the two numbers.", "Then carry the one.", "Check the sum again.",
+                            "It is seven."])
+    return Trace.from_parts(tok, "What is 3 + 4?", thinking, "The answer is 7.")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_embedded_tokenizer()

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import apples_trace
 from reference import hf_attention_and_grads, pool_loop, reference_saliency
 
 from stepflow_tl import StepflowError, TraceError
@@ -17,18 +18,9 @@ from stepflow_tl.saliency.maps import StepSaliency
 from stepflow_tl.tl.models import load_embedded_hf, make_tiny_hf
 from stepflow_tl.traces.trace import Trace
 
-THINKING = (
-    "Anna starts with 7 apples.\n\nShe buys 5 more, so 7 + 5 = 12.\n\n"
-    "Then she gives 4 away: 12 - 4 = 8.\n\nCheck: 8 + 4 = 12, fine."
-)
-
-
 @pytest.fixture(scope="module")
 def trace(tokenizer):
-    return Trace.from_parts(
-        tokenizer, question="Anna has 7 apples, buys 5 and gives 4 away. How many are left?",
-        thinking=THINKING, summary="She has 8 apples left.\n\nAnswer: \\boxed{8}",
-    )
+    return apples_trace(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sum_trace
 
 from stepflow_tl.interventions import (
     MatchedLogitNoise,
@@ -29,9 +30,7 @@ def every_12_chars(text):
 
 @pytest.fixture(scope="module")
 def trace(tokenizer):
-    thinking = "\n\n".join(["First add the two numbers.", "Then carry the one.", "Check the sum again.",
-                            "It is seven."])
-    return Trace.from_parts(tokenizer, "What is 3 + 4?", thinking, "The answer is 7.")
+    return sum_trace(tokenizer)
 
 
 def strong_flow():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import BACKENDS
+from conftest import BACKENDS, apples_trace
 from reference import hf_attention_and_grads, pool_loop, reference_saliency
 from stepflow_tl import StepflowError
 from stepflow_tl.saliency.compute import step_saliency
@@ -17,20 +17,10 @@ from stepflow_tl.saliency.losses import answer_token_positions
 from stepflow_tl.tl.attention import TileSpec, tiled_attention, tiled_attention_heads, tiled_unsupported_reason
 from stepflow_tl.tl.adapter import adapter
 from stepflow_tl.tl.models import load_model, make_tiny_hf
-from stepflow_tl.traces.trace import Trace
-
-THINKING = (
-    "Anna starts with 7 apples.\n\nShe buys 5 more, so 7 + 5 = 12.\n\n"
-    "Then she gives 4 away: 12 - 4 = 8.\n\nCheck: 8 + 4 = 12, fine."
-)
-
 
 @pytest.fixture(scope="module")
 def trace(tokenizer):
-    return Trace.from_parts(
-        tokenizer, question="Anna has 7 apples, buys 5 and gives 4 away. How many are left?",
-        thinking=THINKING, summary="She has 8 apples left.\n\nAnswer: \\boxed{8}",
-    )
+    return apples_trace(tokenizer)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import sum_trace
 from scipy import stats as sps
 
 from stepflow_tl.errors import StepflowError
@@ -30,7 +31,6 @@ from stepflow_tl.study.validate import (
     specificity_table,
 )
 from stepflow_tl.tl.adapter import attn_hook
-from stepflow_tl.traces import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable  # its sibling `accelerate` launches the two-process runs
@@ -39,9 +39,7 @@ ACCELERATE = Path(PY).with_name("accelerate")
 
 @pytest.fixture(scope="module")
 def trace(tokenizer):
-    thinking = "\n\n".join(["First add the two numbers.", "Then carry the one.", "Check the sum again.",
-                            "It is seven."])
-    return Trace.from_parts(tokenizer, "What is 3 + 4?", thinking, "The answer is 7.")
+    return sum_trace(tokenizer)
 
 
 def hand_knockout(model, trace, j, layers):
