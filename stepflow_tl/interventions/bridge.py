@@ -146,8 +146,6 @@ def matched_noise_scale(
 class _AttentionIntervention(Intervention):
     """Shared group logic of OEB and its controls on ``hook_attn_scores``."""
 
-    default_layers: LayerSpec = "bottom_quarter"
-
     def __init__(self, layers: LayerSpec = "bottom_quarter", tau_max: float = 0.15,
                  sink_positions: Sequence[int] = (), during_prefill: bool = False, seed: int = 0):
         who = type(self).__name__

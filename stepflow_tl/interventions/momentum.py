@@ -117,13 +117,13 @@ class StepMomentum(Intervention):
             in_window = thinking & (ends.gather(1, idx) - k_pos[None, :] < self.window)
         counts = torch.zeros((b, k_len + 1), device=dev).scatter_add(1, idx, in_window.float())
         key_count = counts.gather(1, idx).clamp_min(1.0)  # [b, k]
-        first = torch.where(thinking, sid, torch.full_like(sid, k_len)).amin(dim=1)  # [b]
+        first = idx.amin(dim=1)  # [b]
         s_q = sid[:, k_len - q_len:]  # [b, q]
         lag = (s_q[:, :, None] - 1 - sid[:, None, :]).float()  # [b, q, k]
         earlier = in_window[:, None, :] & (lag >= 0) & (k_pos[None, None, :] < q_pos[None, :, None])
-        step_weight = (1.0 - self.beta) * torch.pow(torch.tensor(self.beta, device=dev), lag.clamp_min(0))
+        decay = torch.pow(torch.tensor(self.beta, device=dev), lag.clamp_min(0))
         is_first = sid[:, None, :] == first[:, None, None]
-        step_weight = torch.where(is_first, torch.pow(torch.tensor(self.beta, device=dev), lag.clamp_min(0)), step_weight)
+        step_weight = torch.where(is_first, decay, (1.0 - self.beta) * decay)
         return torch.where(earlier, step_weight / key_count[:, None, :], torch.zeros_like(step_weight))
 
     def direction(self, run, layer: int, m_heads: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:

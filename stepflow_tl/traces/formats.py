@@ -418,8 +418,7 @@ def decode_with_offsets(tok, ids: Sequence[int]) -> Tuple[str, List[Tuple[int, i
         prefix, read = read, t + 1
         prefix_text = decode(tok, ids[prefix:read])
     text = "".join(pieces)
-    ends = starts[1:] + [len(text)]
-    return text, [(a, min(max(b, a + 1), len(text))) for a, b in zip(starts, ends)]
+    return text, [token_range(starts, t, len(text)) for t in range(len(starts))]
 
 
 def continues_character(before: str, after: str) -> bool:
