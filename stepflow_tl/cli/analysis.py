@@ -7,13 +7,12 @@ import sys
 
 from ..errors import StepflowError
 from ..saliency import StepSaliency, compare, diagnose, step_saliency
-from ..saliency.compute import MODES
-from ..saliency.losses import loss_target_positions
-from ..study.run import distributed_state
+from ..saliency.compute import MODES, SALIENCY_POOLS
+from ..saliency.losses import LOSSES, loss_target_positions
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
 from ..viz import Report
-from .common import add_model_args, load_from_args, prepare_out, refuse_unused
+from .common import add_model_args, launch_state, load_from_args, prepare_out, refuse_unused
 
 
 def cmd_info(args) -> int:
@@ -40,10 +39,8 @@ def cmd_saliency(args) -> int:
                       "add --max-tokens N (the length to cut to) or drop --truncate")
     if args.limit is not None and args.limit < 1:
         raise StepflowError(f"--limit must be >= 1, got {args.limit}")
-    state = distributed_state()
+    state = launch_state(args)
     rank = state.process_index if state else 0
-    if state and args.device is None:
-        args.device = str(state.device)
     out = prepare_out(args.out)
     model = load_from_args(args)
     traces = load_traces(args.traces, model, max_tokens=args.max_tokens, truncate=args.truncate)
@@ -120,8 +117,8 @@ def add_commands(sub) -> None:
     sal = sub.add_parser("saliency", help="Step-Saliency maps, diagnostics and an HTML report for traces")
     sal.add_argument("traces", help="JSONL/JSON file of records with 'question' and 'output'")
     add_model_args(sal)
-    sal.add_argument("--loss", choices=("sequence", "summary", "answer"), default="sequence")
-    sal.add_argument("--pool", choices=("mean", "causal_mean"), default="mean")
+    sal.add_argument("--loss", choices=LOSSES, default="sequence")
+    sal.add_argument("--pool", choices=SALIENCY_POOLS, default="mean")
     sal.add_argument("--mode", choices=MODES, default="auto",
                      help="auto: tiled above 2048 tokens where the model allows it, else bounded")
     sal.add_argument("--max-tokens", type=int, default=None, help="refuse (or --truncate) longer traces")

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import StepflowError
 from ..interventions.base import BANDS
+from ..study.run import distributed_state
 from ..tl.models import BACKENDS, DTYPES, load_model
 
 # What --sample/--do-sample use when --temperature/--top-p/--seed are not given (the paper's decoding).
@@ -28,6 +29,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="bridge")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+
+def launch_state(args):
+    """`accelerate.PartialState` under ``accelerate launch`` (else None); each process then
+    runs on its own device unless ``--device`` names one."""
+    state = distributed_state()
+    if state and args.device is None:
+        args.device = str(state.device)
+    return state
 
 
 def load_from_args(args):

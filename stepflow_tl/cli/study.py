@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -20,7 +19,7 @@ from ..study import (
 from ..study.conditions import resolve_conditions
 from ..study.demo import honesty_note, run_demo
 from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
-from .common import SAMPLING_DEFAULTS, add_model_args, load_from_args, prepare_out, refuse_unused
+from .common import SAMPLING_DEFAULTS, add_model_args, launch_state, load_from_args, prepare_out, refuse_unused
 
 
 def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
@@ -54,16 +53,6 @@ def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def add_eval_arguments(parser) -> None:
-    """Arguments of ``stepflow-tl eval`` (default conditions: baseline, StepFlow, its random control)."""
-    _add_study_arguments(parser, DEFAULT_CONDITIONS)
-
-
-def add_ablate_arguments(parser) -> None:
-    """Arguments of ``stepflow-tl ablate`` (default conditions: the full grid)."""
-    _add_study_arguments(parser, ABLATION)
-
-
 def problems_from_args(args) -> List[Problem]:
     """The problems named on the command line."""
     if args.limit is not None and args.limit < 1:
@@ -94,10 +83,7 @@ def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> Stud
             # Greedy copies of one output would count as independent items in the intervals.
             raise StepflowError(f"--samples {args.samples} without --do-sample repeats the same greedy output "
                                 f"{args.samples} times and would shrink every interval; add --do-sample or drop it")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device is None:
-        from accelerate import PartialState
-
-        args.device = str(PartialState().device)
+    state = launch_state(args)
     out = prepare_out(args.out)
     results = Path(args.results) if args.results else out / "results.jsonl"
     problems = problems_from_args(args)
@@ -112,7 +98,7 @@ def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> Stud
         saliency=True if args.saliency < 0 else args.saliency, prompt_style=args.prompt_style, format=args.format,
         split=args.split,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not state or state.is_main_process:
         paths = result.to_csv(out)
         report = result.save_html(out / "report.html", title=title, notes=notes)
         print(f"report: {report}")
@@ -122,14 +108,8 @@ def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> Stud
     return result
 
 
-def run_eval_cli(args) -> int:
-    """``stepflow-tl eval``."""
-    run_study_cli(args)
-    return 0
-
-
-def run_ablate_cli(args) -> int:
-    """``stepflow-tl ablate``."""
+def run_study_command(args) -> int:
+    """``stepflow-tl eval`` and ``stepflow-tl ablate`` (they differ in default conditions only)."""
     run_study_cli(args)
     return 0
 
@@ -163,11 +143,11 @@ def run_demo_cli(args) -> int:
 
 def add_commands(sub) -> None:
     ev = sub.add_parser("eval", help="a paired study: accuracy of a few conditions on a problem set")
-    add_eval_arguments(ev)
-    ev.set_defaults(func=run_eval_cli)
+    _add_study_arguments(ev, DEFAULT_CONDITIONS)  # baseline, StepFlow, its random control
+    ev.set_defaults(func=run_study_command)
     ab = sub.add_parser("ablate", help="the full ablation grid: StepFlow, its parts, controls, placement swaps")
-    add_ablate_arguments(ab)
-    ab.set_defaults(func=run_ablate_cli)
+    _add_study_arguments(ab, ABLATION)  # the full grid
+    ab.set_defaults(func=run_study_command)
     dm = sub.add_parser("demo", help="a small study on the embedded model, with an HTML report")
     add_demo_arguments(dm)
     dm.set_defaults(func=run_demo_cli)

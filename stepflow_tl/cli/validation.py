@@ -3,12 +3,12 @@ does saliency agree with step knockout, correct vs incorrect (docs/validation.md
 
 from __future__ import annotations
 
-import os
 import warnings
 
+from ..saliency.losses import LOSSES
 from ..study import CONDITIONS, VALIDATION_CONDITIONS, ValidationConfig, validate
 from ..traces import TraceWarning, load_traces
-from .common import add_model_args, load_from_args
+from .common import add_model_args, launch_state, load_from_args
 
 
 def add_validate_arguments(parser) -> None:
@@ -28,7 +28,7 @@ def add_validate_arguments(parser) -> None:
     parser.add_argument("--knockout-bands", action="store_true",
                         help="also knock out in each layer band alone (3 more forwards per key step)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loss", choices=("sequence", "summary", "answer"), default="sequence")
+    parser.add_argument("--loss", choices=LOSSES, default="sequence")
     parser.add_argument("--mode", choices=("dense", "bounded"), default="bounded")
     parser.add_argument("--n-boot", type=int, default=10000)
     parser.add_argument("--maps-in-report", type=int, default=3)
@@ -53,10 +53,7 @@ def traces_from_args(args, model) -> tuple:
 
 def run_validate_cli(args) -> int:
     """The study, then (main process) the CSV files and the report."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device is None:
-        from accelerate import PartialState
-
-        args.device = str(PartialState().device)
+    state = launch_state(args)
     model = load_from_args(args)
     traces, settings = traces_from_args(args, model)
     config = ValidationConfig(conditions=args.conditions,
@@ -64,7 +61,7 @@ def run_validate_cli(args) -> int:
                               knockout_bands=args.knockout_bands, seed=args.seed, loss=args.loss, mode=args.mode,
                               n_boot=args.n_boot, maps_in_report=args.maps_in_report)
     result = validate(model, traces, args.out, config=config, progress=not args.no_progress, **settings)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not state or state.is_main_process:
         paths = result.to_csv()
         print(f"report: {result.save_html()}")
         print(f"csv: {', '.join(str(p) for p in paths.values())}")
