@@ -113,7 +113,6 @@ def _forward(model, tokens, fwd_hooks=()):
         return adapter(model).forward(tokens)
 
 
-@torch.no_grad()
 def knockout_matrix(model, trace, *, key_steps: Optional[Sequence[int]] = None,
                     layers: Optional[Sequence[int]] = None) -> StepKnockout:
     """Step-knockout effect matrix of one trace (one forward per key step).
@@ -129,6 +128,13 @@ def knockout_matrix(model, trace, *, key_steps: Optional[Sequence[int]] = None,
         key_steps: the steps j to knock out (default every step with a later step).
         layers: model layers to knock out in.
     """
+    return _knockout(model, trace, key_steps, layers)
+
+
+@torch.no_grad()
+def _knockout(model, trace, key_steps, layers, clean: Optional[Tensor] = None) -> StepKnockout:
+    """`knockout_matrix`; ``clean``: the trace's clean per-step losses when already known
+    (the layer bands of one trace share them), else one more forward computes them."""
     a = adapter(model)
     trace.check_tokenizer(model)
     n = trace.n_steps
@@ -139,7 +145,8 @@ def knockout_matrix(model, trace, *, key_steps: Optional[Sequence[int]] = None,
     if bad:
         raise StepflowError(f"key steps {bad} have no later step to knock out from (the trace has {n} steps)")
     tokens = trace.token_ids[None].to(a.device)
-    clean = _step_losses(_forward(model, tokens), trace.token_ids, trace.token_steps, n)
+    if clean is None:
+        clean = _step_losses(_forward(model, tokens), trace.token_ids, trace.token_steps, n)
     effects = torch.full((n, n), torch.nan, dtype=torch.float64)
     with attach_trace(model, trace, layers=layers):
         for j in key_steps:
@@ -270,7 +277,7 @@ def validate_trace(model, trace, index: int, config: ValidationConfig, maps_dir:
         if config.knockout_bands:
             for band, ls in bands.items():
                 if ls:
-                    knock[band] = knockout_matrix(model, trace, key_steps=key_steps, layers=ls)
+                    knock[band] = _knockout(model, trace, key_steps, ls, clean=knock["all"].clean_step_loss)
         attention = step_attention(model, trace)
         maps = {"saliency": _band_maps(baseline, bands), "attention": _band_maps(attention, bands)}
         for kind, by_band in maps.items():
