@@ -66,6 +66,13 @@ def n_threads() -> int:
 
 
 # ---------------------------------------------------------------------- traces
+def trace_records() -> list:
+    """The records of ``r1_traces.jsonl`` (``$STEPFLOW_TRACES``), read by the library's reader."""
+    from stepflow_tl.traces.records import read_json_records
+
+    return read_json_records(TRACES)
+
+
 def _thinking_and_summary(output: str):
     thinking, _, summary = output.partition("</think>")
     return thinking.replace("<think>", "").strip(), summary.strip()
@@ -82,7 +89,7 @@ def long_trace(model_or_tok, n_tokens: int):
     """
     from stepflow_tl import Trace, render_prompt
 
-    records = [json.loads(line) for line in TRACES.read_text().splitlines() if line.strip()]
+    records = trace_records()
     prompt = render_prompt(model_or_tok, records[0]["question"]) + "<think>\n"
     parts, n_chars = [], 0
     for record in records * 8:  # ~3 chars per token; loop over the records if ever short

@@ -19,7 +19,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ def main(argv=None) -> None:
 
     C.set_threads()
     model = load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
-    records = [json.loads(line) for line in C.TRACES.read_text().splitlines() if line.strip()]
+    records = C.trace_records()
     questions = [r["question"] for r in records]
 
     def run(prompts, stepflow: bool):

@@ -10,11 +10,10 @@ embedded SmolLM2 tokenizer; min of --repeats runs each, interleaved.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 
-from _common import TRACES as R1_TRACES, set_threads
+from _common import set_threads, trace_records
 from stepflow_tl.tl.models import load_embedded_tokenizer
 from stepflow_tl.traces.trace import Trace
 from stepflow_tl.traces.tracker import StepTracker, prompt_positions
@@ -26,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads()
     tok = load_embedded_tokenizer()
-    records = [json.loads(line) for line in R1_TRACES.read_text().splitlines()]
+    records = trace_records()
     rec = max(records, key=lambda r: len(r["output"]))
     warnings.simplefilter("ignore")
     trace = Trace.from_record(tok, rec)
