@@ -12,6 +12,7 @@ with them.
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,7 +23,10 @@ STEP_KINDS = ("question", "thinking", "summary")
 FORMATS = ("r1", "harmony", "plain")
 # What a caller may pass: a format or "auto" (see `detect_format` and `resolve_format`).
 FORMAT_CHOICES = ("auto",) + FORMATS
-SPLITS = ("blank_lines", "lines", "sentences")
+SPLITS = ("blank_lines", "lines", "sentences", "sentences_min15")
+# "sentences_min15": the authors' convention (issue 25): a sentence under this many
+# characters does not end a step; it joins the sentence after it.
+SHORT_SENTENCE_CHARS = 15
 # split="auto": the split that gives each format's traces real steps. Reasoning models
 # (r1, harmony) write paragraphs separated by blank lines; models without a thinking
 # format (plain) tend to write one step per line ("1. ...\n2. ...", SmolLM2).
@@ -35,7 +39,6 @@ HARMONY_END_TAGS = ("<|end|>", "<|return|>", "<|call|>")
 HARMONY_HEAD_TAGS = ("<|start|>", "<|channel|>")
 HARMONY_MESSAGE = "<|message|>"
 HARMONY_TAGS = HARMONY_END_TAGS + HARMONY_HEAD_TAGS + (HARMONY_MESSAGE, "<|constrain|>")
-_HARMONY_TAG_RE = re.compile("|".join(re.escape(t) for t in HARMONY_TAGS))
 _HARMONY_CHANNEL_RE = re.compile(r"<\|channel\|>\s*([^\s<]*)")
 # Summary markers for the plain format, matched case-insensitively; the summary starts
 # at the first non-whitespace character of the line that holds the first marker.
@@ -45,8 +48,6 @@ SUMMARY_MARKER_RE = re.compile("|".join(re.escape(m) for m in SUMMARY_MARKERS), 
 # whitespace follows; a blank line also ends a sentence.
 SENTENCE_END = ".!?"
 SENTENCE_CLOSERS = "\"')]"
-_SENTENCE_END_RE = re.compile(r"[.!?][\"')\]]*$")
-_BLANK_LINE_RE = re.compile(r"\n\s*\n")
 _PLAIN_QUESTION_PREFIX = "Question:\n"
 
 SplitSpec = Union[str, Callable[[str], Sequence[Tuple[int, int]]]]
@@ -219,70 +220,55 @@ def harmony_channel_mode(header: str) -> str:
     return {"analysis": "thinking", "final": "summary"}.get(channel, "skip")
 
 
-def parse_output(output: str, fmt: str, prompt_text: str, specials: Sequence[str]):
-    """Segments of the output: ``(list of (kind, start, end), markup ranges, complete)``,
-    in output coordinates."""
-    segments: List[Tuple[str, int, int]] = []
-    markup: List[Tuple[int, int]] = []
+def format_for_parts(tokenizer, format: str) -> str:
+    """The format `Trace.from_parts` writes its parts in. ``"auto"``: harmony if the chat
+    template uses ``<|channel|>``, else r1. Never plain: its boundary is a summary
+    marker, which thinking text may contain, while the tags cannot collide with it."""
+    if format not in FORMAT_CHOICES:
+        raise TraceError(f"format must be one of {FORMAT_CHOICES}, got {format!r}")
+    if format != "auto":
+        return format
+    return "harmony" if "<|channel|>" in str(getattr(tokenizer, "chat_template", "") or "") else "r1"
+
+
+def render_output(fmt: str, thinking: str, summary: Optional[str]) -> str:
+    """The output that holds ``thinking`` and ``summary`` (None or blank: no summary) in
+    format ``fmt`` (see `Trace.from_parts`)."""
+    has_summary = summary is not None and summary.strip() != ""
     if fmt == "r1":
-        t0 = 0
-        m = re.match(r"\s*" + re.escape(THINK_OPEN), output)
-        if m:
-            t0 = m.end()
-            markup.append((m.end() - len(THINK_OPEN), m.end()))
-        close = output.find(THINK_CLOSE, t0)
-        complete = close >= 0
-        if complete:
-            segments += [("thinking", t0, close), ("summary", close + len(THINK_CLOSE), len(output))]
-            markup.append((close, close + len(THINK_CLOSE)))
-        else:
-            segments.append(("thinking", t0, len(output)))
-    elif fmt == "plain":
-        m = SUMMARY_MARKER_RE.search(output)
-        complete = m is not None
-        if m:
-            line = output.rfind("\n", 0, m.start()) + 1
-            s = line + len(output[line:m.start()]) - len(output[line:m.start()].lstrip())
-            segments += [("thinking", 0, s), ("summary", s, len(output))]
-        else:
-            segments.append(("thinking", 0, len(output)))
-    elif fmt == "harmony":
-        mode = harmony_initial_mode(prompt_text)
-        pos = 0
-        closed = False
-        for m in _HARMONY_TAG_RE.finditer(output):
-            tag = m.group()
-            if mode == "header":
-                if tag == HARMONY_MESSAGE:
-                    mode = harmony_channel_mode(output[pos:m.start()])
-                    markup.append((pos, m.end()))
-                    pos = m.end()
-                continue
-            # content mode: the text since pos is a message (or skipped channel) body
-            if mode in ("thinking", "summary"):
-                segments.append((mode, pos, m.start()))
-            else:
-                markup.append((pos, m.start()))
-            if tag in HARMONY_END_TAGS or tag in HARMONY_HEAD_TAGS:
-                closed = closed or mode == "thinking"
-                mode, pos = "header", m.start()
-            else:
-                markup.append((m.start(), m.end()))
-                pos = m.end()
-        if mode in ("thinking", "summary"):
-            segments.append((mode, pos, len(output)))
-        else:
-            markup.append((pos, len(output)))
-        complete = closed or any(k == "summary" for k, _, _ in segments)
-    else:
-        raise TraceError(f"format must be one of {FORMATS} or 'auto', got {fmt!r}")
-    for s in specials:
-        for m in re.finditer(re.escape(s), output):
-            markup.append((m.start(), m.end()))
-    return segments, [r for r in markup if r[1] > r[0]], complete
+        return f"{THINK_OPEN}\n{thinking}\n{THINK_CLOSE}" + (f"\n\n{summary}" if has_summary else "")
+    if fmt == "harmony":
+        out = f"<|channel|>analysis{HARMONY_MESSAGE}{thinking}<|end|>"
+        return out + (f"<|start|>assistant<|channel|>final{HARMONY_MESSAGE}{summary}" if has_summary else "")
+    if fmt == "plain":
+        if not has_summary:
+            return thinking
+        s = summary.lstrip()
+        return f"{thinking}\n\n{'' if SUMMARY_MARKER_RE.match(s) else 'Answer: '}{s}"
+    raise TraceError(f"format must be one of {FORMATS}, got {fmt!r}")
 
 
-# ---------------------------------------------------------------- step splitting
+def prompt_for_output(fmt: str, prompt_text: str, output_text: str) -> str:
+    """The prompt an output of format ``fmt`` was generated from: r1 output without an
+    opening ``<think>`` gets ``"<think>\\n"`` appended to the prompt, as the R1 chat
+    templates do (unless the prompt already ends with it)."""
+    if (fmt == "r1" and not re.match(r"\s*" + re.escape(THINK_OPEN), output_text)
+            and not prompt_text.rstrip().endswith(THINK_OPEN)):
+        return prompt_text + THINK_OPEN + "\n"
+    return prompt_text
+
+
+def incomplete_warning(fmt: str) -> Optional[str]:
+    """What a finished trace of format ``fmt`` without its summary boundary warns, or None."""
+    if fmt == "r1":
+        return (f"no '{THINK_CLOSE}' in the output: the thinking was cut off; all output is thinking, "
+                "there is no summary and complete=False")
+    if fmt == "plain":
+        return f"no summary marker {SUMMARY_MARKERS} in the output: all output is thinking, complete=False"
+    return None
+
+
+# ---------------------------------------------------------------- the rule engine
 
 
 def check_split(split: SplitSpec) -> None:
@@ -298,36 +284,309 @@ def resolve_split(split: SplitSpec, fmt: str) -> SplitSpec:
     return AUTO_SPLIT[fmt] if split == "auto" else split
 
 
-def step_starts(content: str, split: SplitSpec) -> List[int]:
-    """Positions in ``content`` where steps start (first non-whitespace char of each)."""
-    if split == "blank_lines":
-        out = []
-        pos = 0
-        for m in list(_BLANK_LINE_RE.finditer(content)) + [None]:
-            end = m.start() if m else len(content)
-            piece = content[pos:end]
-            stripped = piece.lstrip()
-            if stripped:
-                out.append(pos + len(piece) - len(stripped))
-            pos = m.end() if m else pos
-        return out
-    if split in ("sentences", "lines"):
-        out = []
-        prev = None
-        for m in re.finditer(r"\S+", content):
-            if prev is None:
-                out.append(m.start())
+class _ParserState:
+    """The mutable parser state; `StepParser` keeps a snapshot of it (`_snapshot`)
+    before each character, which a rewind restores."""
+
+    FIELDS = (
+        "segment",  # the segment being parsed: "thinking" or "summary"
+        "mode",  # "content", "header" (a harmony header) or "skip" (a channel that is no segment)
+        "has_step",  # whether the segment has started a step yet
+        "current",  # raw step id of the step being extended, -1 before the first
+        "gap_newlines",  # newlines since the last non-whitespace character
+        "gap_space",  # whether whitespace followed the last non-whitespace character
+        "after_end",  # whether the last word ended a sentence (. ! ? and closers)
+        "n_raw",  # raw steps started so far
+        "line_start",  # first character of the current line
+        "header_start",  # first character of the current harmony header
+        "think_opened",  # whether an opening <think> was seen
+        "floor",  # no tag may start before this character (it was consumed by a tag)
+        "segment_start",  # first character of the current segment
+        "last_visible",  # the last non-whitespace content character
+        "closed",  # whether the thinking was closed by its format's boundary
+        "thinking_end",  # where thinking content last stopped (its closing tag or marker line), -1: never
+    )
+    __slots__ = FIELDS
+
+    def __init__(self, segment: str, mode: str):
+        self.restore((segment, mode, False, -1, 0, False, False, 0, 0, 0, False, 0, 0, -1, False, -1))
+
+    def restore(self, snap: tuple) -> None:
+        for f, v in zip(self.FIELDS, snap):
+            setattr(self, f, v)
+
+
+_SNAP = {f: i for i, f in enumerate(_ParserState.FIELDS)}
+_snapshot = operator.attrgetter(*_ParserState.FIELDS)  # the state as a tuple, for `restore`
+
+
+class StepParser:
+    """The segmentation rules, once: an incremental parser of a trace's output text.
+
+    ``feed`` appends text; each character gets a label, the raw step it belongs to
+    (``-1``: markup, or whitespace before a segment's first step), and ``raw_kinds``
+    / ``raw_starts`` give each raw step's segment and first character. Formats (tags,
+    harmony channels, plain summary markers, special tokens as markup), splits and
+    ``split="auto"`` are decided here and nowhere else: `Trace` runs a parser over a
+    finished output and `StepTracker` over a growing one, so they agree by
+    construction.
+
+    Some decisions need characters that arrive later: ``</think>`` may come in pieces,
+    and a plain summary marker moves the summary start back to its line's start. When
+    such a pattern completes, the parser rewinds to where it starts and parses again
+    from there; ``feed`` returns the first character whose label may have changed.
+    ``format=None`` parses bare content (no tags): what `step_starts` does.
+    """
+
+    def __init__(self, format: Optional[str], split: SplitSpec, *, split_summary: bool = False,
+                 prompt_text: str = "", specials: Sequence[str] = (), start_segment: str = "thinking"):
+        if format is not None and format not in FORMATS:
+            raise TraceError(f"format must be one of {FORMATS}, got {format!r}")
+        if format is None:
+            check_split(split)
+            if split == "auto":
+                raise TraceError("split='auto' needs a format to resolve it; pass a split")
+        self.format = format
+        self.split = split if format is None else resolve_split(split, format)
+        self.split_summary = split_summary
+        self.chars: List[str] = []
+        self.labels: List[int] = []  # raw step id per character
+        self.raw_kinds: List[str] = []  # segment of each raw step
+        self.raw_starts: List[int] = []  # first character of each raw step
+        self._snaps: List[tuple] = []  # parser state before each character
+        self._batch = 0  # feed calls so far: a callable split is re-run once per call
+        self._split_cache = None
+        mode, seg = "content", start_segment
+        if format == "harmony":
+            initial = harmony_initial_mode(prompt_text)
+            if initial in ("header", "skip"):
+                mode = initial
             else:
-                newlines = content.count("\n", prev.end(), m.start())
-                if split == "lines":
-                    new = newlines >= 1
+                seg = initial
+        self._st = _ParserState(seg, mode)
+        self._tags = self._tag_table(specials)
+
+    # ------------------------------------------------------------------ what it found
+    @property
+    def segment(self) -> str:
+        return self._st.segment
+
+    @property
+    def complete(self) -> bool:
+        """Whether the summary boundary was seen (or the output started in the summary)."""
+        return self._st.closed or self._st.segment == "summary"
+
+    @property
+    def thinking_end(self) -> int:
+        """Where the thinking content ends: the tag (or marker line) after its last piece,
+        the end of the text while it goes on, -1 if there was none."""
+        st = self._st
+        return len(self.chars) if st.segment == "thinking" and st.mode == "content" else st.thinking_end
+
+    def next_visible_owner(self) -> int:
+        """The raw step that a non-whitespace character arriving now would belong to, -1
+        for markup or a new step (for a token whose first character is incomplete)."""
+        st = self._st
+        if st.mode != "content" or not st.has_step:
+            return -1
+        splits = st.segment == "thinking" or self.split_summary
+        return -1 if splits and self._gap_starts_step(st) else st.current
+
+    def token_owner(self, a: int, b: int, incomplete: bool = False) -> int:
+        """`token_owner` for a token of the text parsed so far that spans characters
+        ``a:b``. ``incomplete``: the token ends in a character still to be completed.
+        A token with no complete character yet, or no visible one while incomplete, gets
+        the step its coming visible character will have (`next_visible_owner`)."""
+        if a >= len(self.labels) or (incomplete and first_visible(self.chars, a, b) < 0):
+            return self.next_visible_owner()
+        return token_owner(self.chars, self.labels, a, b)
+
+    # ------------------------------------------------------------------ feeding
+    def feed(self, text: str) -> int:
+        """Parse ``text`` after what came before; returns the first character index whose
+        label may have changed (``len`` before the call unless a pattern completed)."""
+        self._batch += 1
+        dirty = len(self.chars)
+        for c in text:
+            dirty = min(dirty, self._feed(c))
+        return dirty
+
+    def _tag_table(self, specials: Sequence[str]) -> Dict[str, list]:
+        """Per last character: (pattern, action) pairs, longest first."""
+        pats = []
+        if self.format == "r1":
+            pats += [(THINK_CLOSE, "close"), (THINK_OPEN, "open")]
+        elif self.format == "harmony":
+            pats += [(t, "h_end") for t in HARMONY_END_TAGS] + [(t, "h_head") for t in HARMONY_HEAD_TAGS]
+            pats += [(HARMONY_MESSAGE, "h_message"), ("<|constrain|>", "markup")]
+        elif self.format == "plain":
+            pats += [(m, "marker") for m in SUMMARY_MARKERS]
+        if self.format is not None:
+            pats += [(s, "markup") for s in specials]
+        table: Dict[str, list] = {}
+        for p, a in sorted(pats, key=lambda x: -len(x[0])):
+            table.setdefault(p[-1], []).append((p, a))
+            if a == "marker":
+                table.setdefault(p[-1].upper(), []).append((p, a))
+        return table
+
+    def _feed(self, c: str) -> int:
+        i = len(self.chars)
+        self.chars.append(c)
+        self._process(i)
+        for pat, action in self._tags.get(c, ()):
+            a = i + 1 - len(pat)
+            if a < self._st.floor or not _applies(action, self._snaps[a]):
+                continue
+            piece = "".join(self.chars[a:i + 1])
+            if (piece.lower() if action == "marker" else piece) != pat:
+                continue
+            return self._apply_tag(action, a, i)
+        return i
+
+    def _apply_tag(self, action: str, a: int, i: int) -> int:
+        """Rewind to char ``a`` and re-parse ``a..i`` knowing the pattern there."""
+        line_start = self._st.line_start
+        self._rewind(a)
+        st = self._st
+        header_text = "".join(self.chars[st.header_start:a])
+        if action == "marker":
+            s = line_start
+            while s < a and self.chars[s].isspace():
+                s += 1
+            if s < a:
+                self._rewind(s)
+            self._st.thinking_end = s
+            self._new_segment("summary", s)
+            for j in range(s, i + 1):
+                self._process(j)
+            return s
+        if action == "close":
+            st.thinking_end = a
+            self._new_segment("summary", i + 1)
+        elif action == "open":
+            st.think_opened = True
+        elif action == "h_end" or action == "h_head":
+            if st.segment == "thinking" and st.mode == "content":
+                st.closed, st.thinking_end = True, a
+            st.mode, st.header_start = "header", a
+        elif action == "h_message":
+            if st.mode == "header":
+                mode = harmony_channel_mode(header_text)
+                if mode == "skip":
+                    st.mode = "skip"
                 else:
-                    new = newlines >= 2 or _SENTENCE_END_RE.search(prev.group()) is not None
-                if new:
-                    out.append(m.start())
-            prev = m
-        return out
-    check_split(split)
+                    st.mode = "content"
+                    if mode != st.segment:
+                        self._new_segment(mode, i + 1)
+        st.floor = i + 1
+        for j in range(a, i + 1):
+            self._snaps.append(_snapshot(st))
+            self.labels.append(-1)
+            if self.chars[j] == "\n":
+                st.line_start = j + 1
+        return a
+
+    def _rewind(self, a: int) -> None:
+        self._st.restore(self._snaps[a])
+        del self._snaps[a:]
+        del self.labels[a:]
+        del self.raw_kinds[self._st.n_raw:]
+        del self.raw_starts[self._st.n_raw:]
+        self._split_cache = None
+
+    def _new_segment(self, seg: str, start: int) -> None:
+        st = self._st
+        st.segment, st.mode, st.has_step, st.current, st.segment_start = seg, "content", False, -1, start
+        st.gap_newlines, st.gap_space, st.after_end = 0, False, False
+        if seg == "summary":
+            st.closed = True
+
+    def _process(self, i: int) -> None:
+        """Parse char ``i`` with the current state (the state machine of the splits)."""
+        st = self._st
+        self._snaps.append(_snapshot(st))
+        c = self.chars[i]
+        if c == "\n":
+            st.line_start = i + 1
+        if st.mode != "content":
+            self.labels.append(-1)
+            return
+        if c.isspace():
+            self.labels.append(st.current if st.has_step else -1)
+            if c == "\n":
+                st.gap_newlines += 1
+            st.gap_space = True
+            return
+        seg = st.segment
+        splits = seg == "thinking" or (seg == "summary" and self.split_summary)
+        if splits and callable(self.split):
+            new = i in self._callable_starts(i)
+        elif not st.has_step:
+            new = True
+        elif not splits:
+            new = False
+        else:
+            new = self._gap_starts_step(st)
+        if new:
+            st.current = st.n_raw
+            st.n_raw += 1
+            st.has_step = True
+            self.raw_kinds.append(seg)
+            self.raw_starts.append(i)
+        self.labels.append(st.current)
+        st.gap_newlines, st.gap_space, st.last_visible = 0, False, i
+        st.after_end = c in SENTENCE_END or (st.after_end and c in SENTENCE_CLOSERS)
+
+    def _gap_starts_step(self, st: _ParserState) -> bool:
+        """Whether the whitespace since the last visible character starts a new step
+        (built-in splits, inside a segment that is split): the split rules."""
+        split = self.split
+        if split == "blank_lines" or callable(split):  # a callable's starts come later
+            return st.gap_newlines >= 2
+        if split == "lines":
+            return st.gap_newlines >= 1
+        boundary = st.gap_newlines >= 2 or (st.after_end and st.gap_space)
+        if split == "sentences_min15":
+            return boundary and st.last_visible + 1 - self.raw_starts[st.current] >= SHORT_SENTENCE_CHARS
+        return boundary
+
+    def _callable_starts(self, i: int) -> set:
+        """Step starts (char indices) of the current segment by the user's split,
+        computed once per `feed` call on the segment's content so far."""
+        key = (self._batch, self._st.segment_start)
+        if self._split_cache is None or self._split_cache[0] != key:
+            idx = [j for j in range(self._st.segment_start, i) if self.labels[j] >= 0 or self.chars[j].isspace()]
+            idx += range(i, len(self.chars))
+            content = "".join(self.chars[j] for j in idx)
+            self._split_cache = (key, {idx[s] for s in _callable_step_starts(content, self.split)})
+        return self._split_cache[1]
+
+
+def _applies(action: str, snap: tuple) -> bool:
+    """Whether a pattern that starts in the parser state ``snap`` takes effect."""
+    seg, mode = snap[_SNAP["segment"]], snap[_SNAP["mode"]]
+    if action in ("close", "marker"):
+        return seg == "thinking" and mode == "content"
+    if action == "open":
+        return (seg == "thinking" and mode == "content" and not snap[_SNAP["has_step"]]
+                and not snap[_SNAP["think_opened"]])
+    if action == "h_message":
+        return True
+    return mode != "header"
+
+
+def step_starts(content: str, split: SplitSpec) -> List[int]:
+    """Positions in ``content`` (text without markup) where steps start: the first
+    non-whitespace character of each."""
+    if callable(split):
+        return _callable_step_starts(content, split)
+    parser = StepParser(None, split)
+    parser.feed(content)
+    return list(parser.raw_starts)
+
+
+def _callable_step_starts(content: str, split) -> List[int]:
     spans = list(split(content))
     out = []
     last_end = 0
@@ -346,6 +605,14 @@ def step_starts(content: str, split: SplitSpec) -> List[int]:
         if piece.strip():
             out.append(s + len(piece) - len(piece.lstrip()))
     return out
+
+
+def question_labels(prompt_text: str, q0: int, q1: int) -> List[int]:
+    """Per character of the prompt: 0 for the question step (from the first
+    non-whitespace character of ``prompt_text[q0:q1]`` to ``q1``), -1 elsewhere."""
+    piece = prompt_text[q0:q1]
+    first = q0 + len(piece) - len(piece.lstrip())
+    return [0 if first <= j < q1 else -1 for j in range(len(prompt_text))]
 
 
 def token_starts(offsets) -> List[int]:
@@ -375,17 +642,19 @@ def first_visible(chars, a: int, b: int) -> int:
     return -1
 
 
+def token_owner(chars, labels: Sequence[int], a: int, b: int) -> int:
+    """The ownership rule for the token that spans characters ``a:b``: it belongs to the
+    step (``labels``: one per character) of its first non-whitespace character; a
+    whitespace-only token to the step of its first character (the step whose extended
+    span holds it, -1 before a segment's first step or in markup)."""
+    j = first_visible(chars, a, b)
+    j = a if j < 0 else j
+    return labels[j] if j < len(chars) else -1
+
+
 def token_labels(text: str, starts: Sequence[int], char_label: Sequence[int]) -> List[int]:
-    """The ownership rule: a token gets the label of its first non-whitespace character;
-    a whitespace-only token gets the label of its first character (the step whose
-    extended span holds it, -1 before a segment's first step or in markup)."""
-    out = []
-    for t in range(len(starts)):
-        a, b = token_range(starts, t, len(text))
-        j = first_visible(text, a, b)
-        j = a if j < 0 else j
-        out.append(char_label[j] if j < len(text) else -1)
-    return out
+    """`token_owner` of every token (``starts``: each token's first character)."""
+    return [token_owner(text, char_label, *token_range(starts, t, len(text))) for t in range(len(starts))]
 
 
 def decode_with_offsets(tok, ids: Sequence[int]) -> Tuple[str, List[Tuple[int, int]]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,28 +32,31 @@ from jaxtyping import Int
 from ..errors import TraceError
 from ..tl.adapter import tokenizer_of
 from .formats import (
-    FORMATS,
-    SUMMARY_MARKER_RE,
+    FORMAT_CHOICES,
     SUMMARY_MARKERS,
     THINK_CLOSE,
     THINK_OPEN,
     Question,
     SplitSpec,
+    StepParser,
     conversation,
     decode_with_offsets,
     detect_format,
     find_question,
-    parse_output,
+    format_for_parts,
+    incomplete_warning,
+    prompt_for_output,
+    question_labels,
+    render_output,
     render_prompt,
     resolve_split,
     special_strings,
-    step_starts,
     token_labels,
     token_starts,
 )
 from .records import read_json_records
 
-_FINGERPRINT_PROBE = "Hello world!\n\n<think> 12345 \u00e9t\u00e9 \u4e16\u754c \u2211 \U0001F600"
+_FINGERPRINT_PROBE = f"Hello world!\n\n{THINK_OPEN} 12345 \u00e9t\u00e9 \u4e16\u754c \u2211 \U0001F600"
 
 
 class TraceWarning(UserWarning):
@@ -275,35 +277,35 @@ class Trace:
         """Segment ``prompt_text + output_text`` whose tokens are ``ids`` with character
         ``offsets`` into that text."""
         tok = tokenizer_of(model_or_tok)
+        if format not in FORMAT_CHOICES:
+            raise TraceError(f"format must be one of {FORMAT_CHOICES}, got {format!r}")
         fmt = detect_format(prompt_text, output_text) if format == "auto" else format
-        if fmt not in FORMATS:
-            raise TraceError(f"format must be one of {FORMATS} or 'auto', got {format!r}")
         split = resolve_split(split, fmt)
         if max_tokens is None and tok is not model_or_tok:
             cfg = getattr(model_or_tok, "cfg", None)
             max_tokens = int(getattr(cfg, "n_ctx", 0) or 0) or None
-        text = prompt_text + output_text
         q0, q1 = find_question(tok, prompt_text, question)
         off = len(prompt_text)
-        segs, markup, complete = parse_output(output_text, fmt, prompt_text, special_strings(tok))
-        if fmt == "r1" and not complete:
-            warnings.warn(
-                "no '</think>' in the output: the thinking was cut off; all output is thinking, "
-                "there is no summary and complete=False", TraceWarning, stacklevel=3)
-        elif fmt == "plain" and not complete:
-            warnings.warn(
-                f"no summary marker {SUMMARY_MARKERS} in the output: all output is thinking, complete=False",
-                TraceWarning, stacklevel=3)
-        segments = [("question", q0, q1)] + [(k, s + off, e + off) for k, s, e in segs]
-        markup = [(s + off, e + off) for s, e in markup]
+        starts = token_starts(offsets)
+        # The output goes to the rule engine token by token, as `StepTracker` gives it:
+        # a callable split is re-run once per piece on the segment so far.
+        parser = StepParser(fmt, split, split_summary=split_summary, prompt_text=prompt_text,
+                            specials=special_strings(tok))
+        done = 0
+        for cut in [s - off for s in starts if 0 < s - off < len(output_text)] + [len(output_text)]:
+            if cut > done:
+                parser.feed(output_text[done:cut])
+                done = cut
+        warning = None if parser.complete else incomplete_warning(fmt)
+        if warning:
+            warnings.warn(warning, TraceWarning, stacklevel=3)
         if max_tokens is not None and len(ids) > max_tokens:
             if not truncate:
                 raise TraceError(
                     f"the trace has {len(ids)} tokens, more than max_tokens={max_tokens} (the model's "
                     f"context); pass truncate=True to cut it or a larger max_tokens")
-        starts = token_starts(offsets)
-        return _build(cls, tok, text, ids, starts, offsets, segments, markup, fmt, complete, split,
-                      split_summary, allow_no_thinking, max_tokens if truncate else None, dict(meta or {}))
+        return _build(cls, tok, prompt_text + output_text, ids, starts, offsets, (q0, q1), parser, fmt,
+                      allow_no_thinking, max_tokens if truncate else None, dict(meta or {}))
 
     @classmethod
     def from_parts(
@@ -312,7 +314,7 @@ class Trace:
         question: Question,
         thinking: str,
         summary: Optional[str] = None,
-        format: str = "r1",
+        format: str = "auto",
         split: SplitSpec = "blank_lines",
         system: Optional[str] = None,
         **kw,
@@ -335,32 +337,19 @@ class Trace:
         prompt = render_prompt(tok, question, system)
         question = conversation(question, system)[1]
         has_summary = summary is not None and summary.strip() != ""
-        if format == "r1":
-            out = f"{THINK_OPEN}\n{thinking}\n{THINK_CLOSE}" + (f"\n\n{summary}" if has_summary else "")
-        elif format == "harmony":
-            out = f"<|channel|>analysis<|message|>{thinking}<|end|>"
-            if has_summary:
-                out += f"<|start|>assistant<|channel|>final<|message|>{summary}"
-        elif format == "plain":
-            out = thinking
-            if has_summary:
-                s = summary.lstrip()
-                lead = "" if SUMMARY_MARKER_RE.match(s) else "Answer: "
-                out += f"\n\n{lead}{s}"
-        else:
-            raise TraceError(f"format must be one of {FORMATS}, got {format!r}")
-        trace = cls.from_text(model_or_tok, prompt, out, format,
+        fmt = format_for_parts(tok, format)
+        trace = cls.from_text(model_or_tok, prompt, render_output(fmt, thinking, summary), fmt,
                               question=question, split=split, **kw)
         got_thinking = " ".join(trace.step_text("thinking").split())
         if got_thinking != " ".join(thinking.split()) or (has_summary and not trace.summary_steps):
             raise TraceError(
-                f"the {format} rendering of these parts does not parse back into the same thinking/summary; "
-                f"the thinking probably contains markup of the {format} format (e.g. '</think>' or a "
+                f"the {fmt} rendering of these parts does not parse back into the same thinking/summary; "
+                f"the thinking probably contains markup of the {fmt} format (e.g. '{THINK_CLOSE}' or a "
                 f"summary marker {SUMMARY_MARKERS})")
         return trace
 
     @classmethod
-    def from_record(cls, model_or_tok, record: Dict[str, Any], format: str = "r1", system=None, **kw) -> "Trace":
+    def from_record(cls, model_or_tok, record: Dict[str, Any], format: str = "auto", system=None, **kw) -> "Trace":
         """A trace from a record with ``question`` and ``output`` (the r1_traces.jsonl
         format); every other key goes to ``meta``. For r1 without an opening
         ``<think>`` in the output, the prompt gets ``"<think>\\n"`` appended, as the
@@ -375,9 +364,7 @@ class Trace:
         prompt = render_prompt(tok, question, system)
         question = text
         fmt = detect_format(prompt, output) if format == "auto" else format
-        if (fmt == "r1" and not re.match(r"\s*" + re.escape(THINK_OPEN), output)
-                and not prompt.rstrip().endswith(THINK_OPEN)):
-            prompt += THINK_OPEN + "\n"
+        prompt = prompt_for_output(fmt, prompt, output)
         meta = {k: v for k, v in record.items() if k not in ("question", "output")}
         return cls.from_text(model_or_tok, prompt, output, fmt, question=question, meta=meta, **kw)
 
@@ -402,37 +389,28 @@ def _check_ids(ids, name: str) -> List[int]:
     return [int(i) for i in ids]
 
 
-def _build(cls, tok, text, ids, starts, offsets, segments, markup, fmt, complete, split, split_summary,
-           allow_no_thinking, cut, meta):
-    n_chars = len(text)
-    is_markup = bytearray(n_chars)
-    for s, e in markup:
-        is_markup[s:e] = b"\x01" * (e - s)
-    label = [-1] * n_chars  # raw step id per character
-    raw: List[List[Any]] = []  # [kind, start char, end char]
-    for kind, s, e in segments:
-        idx = [j for j in range(s, e) if not is_markup[j]]
-        content = "".join(text[j] for j in idx)
-        if kind == "question" or (kind == "summary" and not split_summary):
-            stripped = content.lstrip()
-            starts_c = [len(content) - len(stripped)] if stripped else []
-        else:
-            starts_c = step_starts(content, split)
-        for k, c0 in enumerate(starts_c):
-            c1 = starts_c[k + 1] if k + 1 < len(starts_c) else len(content)
-            rid = len(raw)
-            for j in idx[c0:c1]:
-                label[j] = rid
-            last = c0 + len(content[c0:c1].rstrip()) - 1
-            raw.append([kind, idx[c0], idx[last] + 1])
-        if kind == "question" and not starts_c:
-            raise TraceError("the question is empty")
+def _build(cls, tok, text, ids, starts, offsets, question_span, parser, fmt, allow_no_thinking, cut, meta):
+    """The trace from the character labels of the question and of the parsed output."""
+    off = len(text) - len(parser.chars)
+    q0, q1 = question_span
+    label = question_labels(text[:off], q0, q1)
+    if 0 not in label:
+        raise TraceError("the question is empty")
+    label += [r + 1 if r >= 0 else -1 for r in parser.labels]
+    ends = [0] * len(parser.raw_kinds)
+    for j, r in enumerate(parser.labels):
+        if r >= 0 and not parser.chars[j].isspace():
+            ends[r] = j + 1
+    first = label.index(0)
+    raw: List[List[Any]] = [["question", first, q0 + len(text[q0:q1].rstrip())]]
+    raw += [[k, s + off, e + off] for k, s, e in zip(parser.raw_kinds, parser.raw_starts, ends)]
+    complete = parser.complete
 
     if cut is not None and len(ids) > cut:
         cut_char = starts[cut]
         ids, starts, offsets = ids[:cut], starts[:cut], offsets[:cut]
         text = text[:cut_char]
-        thinking_end = max((e for k, _, e in segments if k == "thinking"), default=0)
+        thinking_end = parser.thinking_end + off if parser.thinking_end >= 0 else 0
         complete = complete and thinking_end <= cut_char
         raw = [[k, c0, c0 + len(text[c0:min(c1, cut_char)].rstrip())] for k, c0, c1 in raw]
         warnings.warn(f"trace truncated to max_tokens={cut} tokens ({cut_char} characters)",
@@ -484,7 +462,7 @@ def _build(cls, tok, text, ids, starts, offsets, segments, markup, fmt, complete
     )
 
 
-def load_traces(path, model_or_tok, format: str = "r1", **kw) -> List[Trace]:
+def load_traces(path, model_or_tok, format: str = "auto", **kw) -> List[Trace]:
     """Traces from a JSONL file (one record a line) or a JSON file (a list of records)
     with ``question`` and ``output``; other keys (``correct``, ``gold``, ``model``,
     ``source``, ...) go to ``Trace.meta``. ``kw`` goes to :meth:`Trace.from_text`."""
