@@ -73,12 +73,12 @@ def online(tok, rec, trace, fmt, split, split_summary):
                     "text": tracker.text})
 
 
-def segmentation(tok, records) -> Dict[str, List[str]]:
+def segmentation(tok, records, combos=COMBOS) -> Dict[str, List[str]]:
     """``{"format/split/summary/offline|online": [digest per trace]}``. Online runs on the
     ids of the r1 trace (the format under test applied to them) when the format under
     test fails offline (harmony on R1 text has no thinking)."""
     out: Dict[str, List[str]] = {}
-    for fmt, split, summary in COMBOS:
+    for fmt, split, summary in combos:
         key = f"{fmt}/{split}/{'split_summary' if summary else 'whole_summary'}"
         offs, ons = [], []
         for rec in records:

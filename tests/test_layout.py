@@ -8,6 +8,8 @@ module it names. The rules:
   facade (``stepflow_tl/__init__.py``, ``__main__.py``) imports the CLI;
 - no module imports the package root (the facade is for users, not for the library);
 - a ``_private`` name is imported only inside its own subpackage;
+- only the rule engine (``traces/formats.py``) defines segmentation rules: the names of
+  the rules, the format tags as text, and branches on a format's name;
 - the examples use the public API and never the CLI.
 """
 
@@ -171,6 +173,54 @@ def test_private_names_stay_in_their_subpackage():
         if private:
             bad.append(f"{path}:{line} imports {private} from {target}")
     assert not bad, "\n".join(bad)
+
+
+RULE_ENGINE = PACKAGE / "traces" / "formats.py"
+# The rules of steps: formats and their tags and markers, splits and their "auto", the
+# parser, token ownership. A module that defines one of these names is a second engine.
+RULE_NAMES = {
+    "FORMATS", "FORMAT_CHOICES", "SPLITS", "SPLIT_CHOICES", "AUTO_SPLIT", "SHORT_SENTENCE_CHARS", "THINK_OPEN",
+    "THINK_CLOSE", "HARMONY_END_TAGS", "HARMONY_HEAD_TAGS", "HARMONY_MESSAGE", "HARMONY_TAGS", "SUMMARY_MARKERS",
+    "SUMMARY_MARKER_RE", "SENTENCE_END", "SENTENCE_CLOSERS", "StepParser", "step_starts", "detect_format",
+    "resolve_format", "resolve_split", "format_for_parts", "render_output", "prompt_for_output",
+    "token_owner", "token_labels", "question_labels", "harmony_channel_mode", "harmony_initial_mode",
+}
+FORMAT_TAGS = ("<think>", "</think>", "<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|return|>",
+               "<|call|>", "<|constrain|>")
+FORMAT_NAMES = {"r1", "harmony", "plain"}
+
+
+def _names_a_format(node) -> bool:
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return "format" in name or name == "fmt"
+
+
+def test_only_the_rule_engine_defines_segmentation_rules():
+    """Elsewhere: no definition of a rule's name, no format tag in code (docstrings may
+    quote them), no ``format == "r1"``-style branch: adding a format or a split touches
+    traces/formats.py only."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == RULE_ENGINE:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        where = f"{path.relative_to(ROOT)}"
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in RULE_NAMES:
+                bad.append(f"{where}:{node.lineno} defines {node.name}")
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                bad += [f"{where}:{node.lineno} defines {t.id}" for t in targets
+                        if isinstance(t, ast.Name) and t.id in RULE_NAMES]
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and any(tag in node.value for tag in FORMAT_TAGS)):
+                bad.append(f"{where}:{node.lineno} writes a format tag: {node.value[:40]!r}")
+            elif isinstance(node, ast.Compare) and any(map(_names_a_format, [node.left] + node.comparators)):
+                values = [c for c in node.comparators + [node.left] for c in (c.elts if isinstance(c, ast.Tuple) else [c])]
+                if any(isinstance(v, ast.Constant) and v.value in FORMAT_NAMES for v in values):
+                    bad.append(f"{where}:{node.lineno} branches on a format's name")
+    assert not bad, "segmentation rules outside traces/formats.py:\n" + "\n".join(bad)
 
 
 def test_examples_use_the_public_api_and_not_the_cli():

@@ -167,7 +167,7 @@ class _RowTracker:
         self.tracker.push(int(token_id))
         steps, kinds = self.tracker.token_steps, self.tracker.step_kinds
         n = len(self.row.step_id)
-        if steps[:n] != self.row.step_id or kinds[: len(self.kinds)] != self.kinds:
+        if self.tracker.changed_from < n or kinds[: len(self.kinds)] != self.kinds:
             self._rebuild()
             return True
         self.kinds = kinds
