@@ -85,7 +85,8 @@ def add_commands(sub) -> None:
     gen.add_argument("--seed", type=int, default=None, help="with --sample (default 0)")
     gen.add_argument("--format", choices=FORMAT_CHOICES, default="auto")
     gen.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
-                     help="how the output is cut into steps (auto: lines for the plain format, else blank_lines)")
+                     help="how the output is cut into steps (auto: lines for the plain format, else blank_lines; "
+                     "sentences_min15: sentences, a short one joined to the next, as the authors do)")
     gen.add_argument("--raw", action="store_true", help="the prompt is already rendered text")
     gen.add_argument("--stepflow", action="store_true",
                      help="OEB + SMI with the paper's defaults (--oeb/--smi set their layers, --tau-max/--alpha/"

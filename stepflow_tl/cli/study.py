@@ -44,7 +44,7 @@ def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
                         help="how generated traces are cut into steps (auto: lines for the plain format, "
-                        "else blank_lines)")
+                        "else blank_lines; sentences_min15: sentences, a short one joined to the next)")
     parser.add_argument("--saliency", type=int, default=0,
                         help="Step-Saliency maps of up to N correct and N incorrect traces per condition "
                         "(-1: every trace; 0: none)")

@@ -217,7 +217,8 @@ def generate(
             ``"harmony"`` or ``"auto"`` (from the chat template).
         chat, system: prompt rendering.
         split: how thinking is split into steps: ``"blank_lines"``, ``"lines"``,
-            ``"sentences"``, or ``"auto"`` (``"lines"`` for the plain format, whose
+            ``"sentences"``, ``"sentences_min15"`` (short sentences joined to the next,
+            docs/traces.md), or ``"auto"`` (``"lines"`` for the plain format, whose
             models write one step per line, else ``"blank_lines"``; see
             ``traces.formats.AUTO_SPLIT``). ``Generation.split`` says which was used.
         questions: with ``chat=False``, the question text inside each prompt (the

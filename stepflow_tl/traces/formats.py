@@ -1,13 +1,18 @@
-"""Every convention of the trace formats, once: the format names and the ``"auto"`` rule,
-the markup tags (``<think>``/``</think>``, harmony's channel tags), the plain format's
-summary markers, the step kinds, how a prompt is rendered, where the question sits in
-it, how an output is cut into segments and a segment into steps, and where the stated
-answer sits in a summary.
+"""The rule engine of steps: every convention of the trace formats, once.
 
-`stepflow_tl.traces.trace` (offline) and `stepflow_tl.traces.tracker` (online, token by
-token) both segment with these rules, so they agree by construction;
+The format names and their ``"auto"`` rules, the markup tags (``<think>``/``</think>``,
+harmony's channel tags), the plain format's summary markers, the step kinds, the
+splits and their ``"auto"``, the question step and the token -> step ownership rule;
+`StepParser` applies them incrementally, one character at a time. Also how a prompt
+is rendered, where the question sits in it, how ids decode with offsets, and where the
+stated answer sits in a summary.
+
+`stepflow_tl.traces.trace.Trace` runs a `StepParser` over a finished output and
+`stepflow_tl.traces.tracker.StepTracker` over a growing one, so offline and online
+segmentation agree by construction; adding a format or a split touches this module
+only (tests/test_layout.py checks that no other module defines a rule).
 `stepflow_tl.study.grading` and the ``loss="answer"`` of Step-Saliency read answers
-with them.
+with the helpers at the end.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ before it, and to no step (-1) before a segment's first step; markup belongs to 
 A step that ends up with no token is merged into the preceding step of its segment
 (or the following one when it is the first), with a :class:`TraceWarning`.
 
-`stepflow_tl.traces.tracker.StepTracker` reproduces this segmentation online, token by
-token; both take their rules from `stepflow_tl.traces.formats`.
+The rules are those of the rule engine `stepflow_tl.traces.formats.StepParser`: a
+trace is that parser run over its finished output, and
+`stepflow_tl.traces.tracker.StepTracker` is the same parser fed token by token, so
+both give the same steps by construction.
 """
 
 from __future__ import annotations
