@@ -28,7 +28,8 @@ from stepflow_tl.viz.plots import (
     plot_metric_curves,
     plot_step_map,
 )
-from stepflow_tl.viz.report import METRIC_LEGEND, Report, save_result_html
+from stepflow_tl.saliency.diagnostics import METRIC_LEGEND, diagnose
+from stepflow_tl.viz.report import Report, save_result_html
 from stepflow_tl.viz.stepmaps import _circuitsvis_props, circuitsvis_bundle, step_axis_labels, step_map_data
 
 XSS = "<script>alert(1)</script>"
@@ -110,7 +111,7 @@ def test_step_map_data_rejects_bad_input(maps, labels, kwargs, match):
 def test_circuitsvis_props_share_one_colour_scale():
     r = make_result()
     d = step_map_data(r)
-    props, scale = _circuitsvis_props(d, row_normalise=False)
+    props, scale = _circuitsvis_props(d, "global")
     att = np.array(props["attention"])
     assert att.shape == (4, 6, 6)
     assert scale == pytest.approx(d.global_max)
@@ -126,7 +127,7 @@ def test_circuitsvis_props_share_one_colour_scale():
 
 def test_circuitsvis_props_row_normalised():
     d = step_map_data(make_result())
-    props, scale = _circuitsvis_props(d, row_normalise=True)
+    props, scale = _circuitsvis_props(d, "row")
     att = np.array(props["attention"]) * scale
     np.testing.assert_allclose(att.sum(axis=-1), 1.0, atol=1e-3)
 
@@ -287,7 +288,7 @@ def test_report_with_step_maps_is_offline_and_has_no_injected_script(tmp_path):
 def test_render_props_round_trip_through_json(tmp_path):
     r = _xss_result()
     rep = Report("r")
-    rep.add_step_maps(r)
+    rep.add_step_maps(r, view="global")
     body = script_bodies(rep.to_html())[1]
     props = json.loads(re.search(r"CircuitsVis\.AttentionHeads, (\{.*\})\); \}", body).group(1))
     # The browser gets the original characters back (cut to 28 characters, spaces as middle dots).
@@ -298,7 +299,7 @@ def test_render_props_round_trip_through_json(tmp_path):
 def test_save_result_html_states_provenance_and_legend(tmp_path):
     r = _xss_result()
     diag = {"LI": [0.5, 0.4, 0.3, 0.2], "DS": np.array([0.3, 0.3, 0.2, 0.1]), "anomaly ratio": 1.7}
-    path = save_result_html(r, tmp_path / "sub" / "res.html", diagnostics=diag)
+    path = save_result_html(r, tmp_path / "sub" / "res.html", diagnostics=diag, legend=METRIC_LEGEND)
     page = path.read_text(encoding="utf-8")
     text = html.unescape(re.sub(r"<script.*?</script>", "", page, flags=re.DOTALL))
     for needle in ("map kind", "saliency", "pool", "mean", "loss", "mean next-token cross-entropy",
@@ -381,9 +382,94 @@ def test_save_result_html_with_diagnostics_object(tmp_path):
          "anomaly_ratio": [1.0, 1.1, 1.2, np.nan]}
     )
     diag = FakeDiagnostics(per_layer, {"anomaly_ratio": f"no summary rows {XSS}"})
-    page = save_result_html(r, tmp_path / "d.html", diagnostics=diag).read_text(encoding="utf-8")
+    page = save_result_html(r, tmp_path / "d.html", diagnostics=diag, legend=METRIC_LEGEND).read_text(encoding="utf-8")
     text = html.unescape(strip_scripts(page))
     assert "Metrics shown: lock_in, anomaly_ratio" in text  # the string column "band" is no metric
     assert "li_shallow" in text and "-0.02" in text and "no summary rows" in text
     assert "LI (lock_in)" in text and "r_i = sum_{j <= i}" in text
     assert XSS not in page
+
+
+# ----------------------------------------------------------------------------- tables for people
+
+
+def test_readable_table_rounds_merges_intervals_and_hides_missing_values():
+    from stepflow_tl.viz.tables import readable_table
+
+    frame = pd.DataFrame({
+        "condition": ["baseline", "stepflow"], "n": [6, 6], "accuracy": [0.5, 0.6666666],
+        "acc_low": [0.18761, 0.3], "acc_high": [0.81239, 0.9000123], "n_changed": [0, pd.NA],
+        "diff": [0.0, 0.1666666], "diff_low": [0.0, -0.0833], "diff_high": [0.0, 0.5],
+        "b01": [pd.NA, 2], "mcnemar_p": [np.nan, 0.00004], "p_holm": [np.nan, 0.0456789],
+        "time_ratio": [1.0, 1.23456], "mean_tokens": [41.33333, 1234.5],
+    })
+    t = readable_table(frame, kinds={"accuracy": "pct", "acc_low": "pct", "diff": "pp", "time_ratio": "ratio"},
+                       headers={"acc_low": "accuracy 95% CI"})
+    assert t.headers == ["condition", "n", "accuracy", "accuracy 95% CI", "changed outputs", "diff (95% CI)",
+                         "only condition right", "McNemar p", "p (Holm)", "time ratio", "mean tokens"]
+    base, step = (dict(zip(t.headers, r)) for r in t.rows)
+    assert step["accuracy"] == "66.7%" and step["accuracy 95% CI"] == "[30.0%, 90.0%]"
+    assert step["diff (95% CI)"] == "+16.7 pp [-8.3, +50.0]" and base["diff (95% CI)"] == "+0.0 pp [+0.0, +0.0]"
+    assert step["McNemar p"] == "<0.001" and step["p (Holm)"] == "0.046" and step["time ratio"] == "1.23\u00d7"
+    assert step["mean tokens"] == "1,234" and base["mean tokens"] == "41.3" and step["only condition right"] == "2"
+    assert base["McNemar p"] == base["only condition right"] == step["changed outputs"] == "\u2014"
+    cells = [c for r in t.rows for c in r]
+    assert not any(bad in c for c in cells for bad in ("nan", "<NA>", "None"))
+    assert t.numeric == [False] + [True] * 10
+    merged = readable_table(frame, kinds={"accuracy": "pct"}, estimates={"acc_low": "accuracy"})
+    assert merged.rows[1][merged.headers.index("accuracy (95% CI)")] == "66.7% [30.0%, 90.0%]"
+    with pytest.raises(StepflowError, match="unknown column kind"):
+        readable_table(frame, kinds={"n": "percent"})
+
+
+def test_report_tables_are_for_people_and_never_wrap_numbers():
+    rep = Report("t")
+    rep.add_table(pd.DataFrame({"metric": ["lock_in"], "ci_low": [0.1], "ci_high": [0.2], "p": [np.nan]}))
+    page = rep.to_html()
+    assert "<th class=\"num\">95% CI</th>" in page and "[0.100, 0.200]" in page and "nan" not in page.split("<body>")[1]
+    assert re.search(r"table\.data th \{[^}]*white-space: nowrap", page)
+    assert re.search(r"td\.num \{[^}]*white-space: nowrap", page)
+
+
+# ----------------------------------------------------------------------------- step-map views
+
+
+def test_views_colour_real_structure_and_say_which_view_it_is():
+    from stepflow_tl.viz.stepmaps import DEFAULT_VIEW, LOG_DECADES, VIEWS, band_panels, view_values
+
+    # A few dominant diagonal cells and a faint off-diagonal pattern, as in real traces.
+    m = np.tril(np.full((2, 5, 5), 1e-2)) + np.eye(5)[None] * np.array([1.0, 50.0])[:, None, None]
+    glob, scale = view_values(m, "global")
+    assert scale == pytest.approx(50.01) and glob[0, 3, 1] < 1e-3  # white on the one global scale
+    row_log, _ = view_values(m, "row_log")
+    share = 1e-2 / (1 + 4e-2)
+    assert row_log[0, 3, 1] == pytest.approx(1 + np.log10(share) / LOG_DECADES)  # visible: ~0.33
+    assert row_log[0, 0, 0] == 1.0 and row_log[1, 3, 1] == 0.0  # below 0.1% of the row: white
+    assert (row_log[:, np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0).all()
+    layer, _ = view_values(m, "layer")
+    assert layer[0].max() == layer[1].max() == 1.0
+    row, top = view_values(m, "row")
+    np.testing.assert_allclose((row * top).sum(-1), 1.0)
+    assert DEFAULT_VIEW == "row_log" and set(VIEWS) == {"row_log", "row", "layer", "layer_log", "global"}
+    with pytest.raises(StepflowError, match="unknown step-map view"):
+        view_values(m, "linear")
+    d = step_map_data(make_result())
+    panels, names = band_panels(d, {"shallow": [0, 1, 2], "middle": [3, 4], "deep": [5]})
+    assert names == ["shallow L2", "middle L3-4", "deep L5"]
+    np.testing.assert_allclose(panels[1], d.maps[1:3].mean(0))
+
+
+def test_report_names_the_view_and_draws_band_panels(tmp_path):
+    r = make_result()
+    rep = Report("v")
+    rep.add_step_maps(r, "default")
+    rep.add_step_maps(r, "bands", view="layer", bands={"shallow": [2], "deep": [4, 5]})
+    with pytest.warns(DeprecationWarning, match="row_normalise"):
+        rep.add_step_maps(r, "old", row_normalise=True)
+    page = html.unescape(rep.to_html())
+    assert "View 'row_log': each cell as its share" in page and "View 'layer'" in page and "View 'row'" in page
+    props = [json.loads(p) for p in re.findall(r"CircuitsVis\.AttentionHeads, (\{.*?\})\); \}", script_bodies(rep.to_html())[1])]
+    assert props[1]["attentionHeadNames"] == ["shallow L2", "deep L4-5"] and len(props[1]["attention"]) == 2
+    # StepSaliency.save_html: the diagnostics' own legend and band means, no restated copy in viz
+    page = html.unescape(r.save_html(tmp_path / "r.html", diagnostics=diagnose(r)).read_text(encoding="utf-8"))
+    assert "Band means" in page and all(name in page for name in METRIC_LEGEND)

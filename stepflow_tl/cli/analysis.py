@@ -6,12 +6,12 @@ from __future__ import annotations
 import sys
 
 from ..errors import StepflowError
-from ..saliency import StepSaliency, compare, diagnose, step_saliency
+from ..saliency import Diagnostics, StepSaliency, compare, diagnose, step_saliency
 from ..saliency.compute import MODES, SALIENCY_POOLS
 from ..saliency.losses import LOSSES, loss_target_positions
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
-from ..viz import Report
+from ..viz import DEFAULT_VIEW, VIEWS, Report
 from .common import add_model_args, launch_state, load_from_args, prepare_out, refuse_unused
 
 
@@ -86,16 +86,21 @@ def cmd_saliency(args) -> int:
     metrics = pd.DataFrame(rows)
     if results:
         metrics.to_csv(out / "metrics.csv", index=False)
-        report.add_table(metrics, caption="Diagnostics per trace")
+        shown = [c for c in ("trace", "record", "id", "correct", *Diagnostics.HEADLINES, "n_question", "n_thinking",
+                             "n_summary", "n_layers", "mode", "loss_value") if c in metrics.columns]
+        report.add_table(metrics[shown], caption=f"Diagnostics per trace (all columns: {out / 'metrics.csv'})")
     labelled = [(t.meta.get("correct"), r) for t, r, _ in results]
     correct = [r for label, r in labelled if label is True]
     incorrect = [r for label, r in labelled if label is False]
     if len(correct) >= 2 and len(incorrect) >= 2:
         comparison = compare(correct, incorrect)
         comparison.to_csv(out / "compare.csv", index=False)
-        report.add_table(comparison[comparison["level"] == "band"], caption="Correct vs incorrect, per band")
+        bands = comparison[comparison["level"] == "band"].drop(columns=["level", "layer"])
+        report.add_table(bands, caption="Correct vs incorrect, per band")
     for trace, result, diag in results[: args.maps_in_report]:
-        report.add_step_maps(result, title=f"trace {trace.meta['trace_id']} (correct={trace.meta.get('correct')})")
+        title = f"trace {trace.meta['trace_id']} (correct={trace.meta.get('correct')})"
+        report.add_step_maps(result, title=title, view=args.view)
+        report.add_step_maps(result, title=f"{title}: band means", view=args.view, bands=diag.bands)
     path = report.save(out / "report.html")
     if skipped:
         records = ", ".join(str(s["record"]) for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
@@ -125,5 +130,7 @@ def add_commands(sub) -> None:
     sal.add_argument("--truncate", action="store_true", help="cut traces to --max-tokens instead of refusing them")
     sal.add_argument("--limit", type=int, default=None, help="only the first N traces")
     sal.add_argument("--maps-in-report", type=int, default=6)
+    sal.add_argument("--view", choices=list(VIEWS), default=DEFAULT_VIEW,
+                     help="how the report colours step maps (default: each cell's share of its row, log scale)")
     sal.add_argument("--out", required=True)
     sal.set_defaults(func=cmd_saliency)

@@ -36,7 +36,7 @@ from ..errors import StepflowError
 from ..stats import compare_groups, holm
 from ..traces.formats import STEP_KINDS
 
-__all__ = ["METRICS", "BANDS", "Diagnostics", "band_layers", "diagnose", "compare"]
+__all__ = ["METRICS", "METRIC_LEGEND", "BANDS", "Diagnostics", "band_layers", "diagnose", "compare"]
 
 METRICS = (
     "lock_in",
@@ -48,6 +48,22 @@ METRICS = (
 )
 BANDS = ("shallow", "middle", "deep")
 _SELF_BLOCKS = ("full", "lower")
+
+# Names and formulas of the metrics above, for readers: every report that shows diagnostics
+# prints them (through `Diagnostics.legend`), so a reader never has to guess what a curve means.
+METRIC_LEGEND: dict[str, str] = {
+    "LI (lock_in)": "LI_l = mean over thinking rows i > 0 of M_l[i, i] / r_i, with the causal row mass "
+    "r_i = sum_{j <= i} M_l[i, j]  (high in shallow layers = Shallow Lock-in)",
+    "QT (question_share)": "QT_l = mean over thinking rows i of sum_{j in question} M_l[i, j] / r_i",
+    "DS (summary_thinking_share)": "DS_l = mean over summary rows s of sum_{j in thinking} M_l[s, j] / r_s; "
+    "its slope over the deep layers (ds_slope_deep) measures Deep Decay",
+    "summary_self / thinking_self": "mean of the summary x summary / thinking x thinking block of M_l",
+    "anomaly ratio (anomaly_ratio)": "summary_self / thinking_self (summary self-intensity over "
+    "thinking self-intensity)",
+    "recency profile": "share of a row's mass at step distance d = i - j",
+    "shallow / deep": "bottom quarter / top quarter of the model's layers (li_shallow, qt_shallow, "
+    "ds_deep, anomaly_deep: means over those layers)",
+}
 
 
 # --------------------------------------------------------------------------- bands
@@ -184,6 +200,11 @@ class Diagnostics:
     @property
     def layers(self) -> list[int]:
         return [int(v) for v in self.per_layer["layer"]]
+
+    @property
+    def legend(self) -> dict[str, str]:
+        """{metric: definition} of every metric here (`METRIC_LEGEND`), for a report's legend."""
+        return dict(METRIC_LEGEND)
 
     def to_dataframe(self) -> pd.DataFrame:
         """Per-layer metrics (a copy): layer, band, and one column per metric."""

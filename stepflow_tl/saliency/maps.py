@@ -17,7 +17,7 @@ from ..errors import StepflowError
 from ..traces.formats import STEP_KINDS
 from ..viz.report import save_result_html
 from ..viz.stepmaps import StepMapsView, step_maps_view
-from .diagnostics import Diagnostics, diagnose
+from .diagnostics import METRIC_LEGEND, Diagnostics, band_layers, diagnose
 
 _FORMAT_VERSION = 1
 
@@ -168,14 +168,21 @@ class StepSaliency:
         return diagnose(self, **kwargs)
 
     def save_html(self, path: Union[str, Path], **kwargs) -> Path:
-        """A self-contained HTML page with the step maps and diagnostics."""
+        """A self-contained HTML page with the step maps and diagnostics (keyword arguments go
+        to `stepflow_tl.viz.report.save_result_html`; its metric legend is `METRIC_LEGEND`)."""
+        kwargs.setdefault("legend", METRIC_LEGEND)
         return save_result_html(self, path, **kwargs)
 
-    def show(self, *, row_normalise: bool = False) -> StepMapsView:
-        """The circuitsvis view of all layers on one colour scale, for a notebook: a
-        ``circuitsvis`` ``RenderedHTML`` whose page inlines the installed circuitsvis
-        bundle, so it displays offline (`stepflow_tl.viz.stepmaps.step_maps_view`)."""
-        return step_maps_view(self, row_normalise=row_normalise)
+    def show(self, *, view: Optional[str] = None, bands: bool = False,
+             row_normalise: Optional[bool] = None) -> StepMapsView:
+        """The circuitsvis view of all layers, for a notebook: a ``circuitsvis`` ``RenderedHTML``
+        whose page inlines the installed circuitsvis bundle, so it displays offline
+        (`stepflow_tl.viz.stepmaps.step_maps_view`). view: how cells become colours
+        (`stepflow_tl.viz.stepmaps.VIEWS`, default each cell's share of its row on a log scale);
+        bands: one panel per diagnostics band (`band_layers`) instead of one per layer.
+        row_normalise is deprecated (True is ``view="row"``, False ``view="global"``)."""
+        return step_maps_view(self, view=view, row_normalise=row_normalise,
+                              bands=band_layers(self.n_model_layers) if bands else None)
 
 
 def _check_loaded(path: Path, meta: dict, maps: np.ndarray, head_maps: Optional[np.ndarray]) -> None:

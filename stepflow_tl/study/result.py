@@ -26,6 +26,14 @@ from ..viz import Report, plot_accuracy_by_difficulty
 
 ItemKey = Tuple[str, str, int]
 
+# How the report shows the summary's machine columns (summary.csv keeps them as they are).
+SUMMARY_KINDS = {"accuracy": "pct", "acc_low": "pct", "diff": "pp", "diff_low": "pp", "wall_time_s": "seconds",
+                 "time_ratio": "ratio", "mean_tokens": "num", "events_per_item": "num"}
+BY_DIFFICULTY_KINDS = {"accuracy": "pct", "low": "pct"}
+SUMMARY_ACCURACY = ["condition", "n", "n_correct", "accuracy", "acc_low", "acc_high", "n_paired", "diff", "diff_low",
+                    "diff_high", "n_changed", "b01", "b10", "mcnemar_p", "p_holm"]
+SUMMARY_COST = ["condition", "mean_tokens", "wall_time_s", "time_ratio", "events_per_item"]
+
 
 @dataclass
 class StudyResult:
@@ -203,24 +211,33 @@ class StudyResult:
             report.add_text(notes)
         report.add_heading("Results per condition")
         report.add_text(
-            f"accuracy [acc_low, acc_high]: Wilson 95% interval. diff [diff_low, diff_high]: paired "
-            f"difference to '{self.reference}' (condition minus reference) with a percentile bootstrap 95% "
-            "interval over problems. n_changed: outputs that differ from the reference's. b01/b10: items only the condition / only the reference got right; "
-            "mcnemar_p: exact McNemar test; p_holm: Holm-adjusted across conditions. time_ratio: "
-            "wall time relative to the reference.", css_class="note")
-        report.add_table(self.summary(), caption="Summary")
+            f"accuracy with its Wilson 95% interval. 'vs {self.reference}': the paired difference in "
+            f"accuracy (condition minus {self.reference}, percentage points) with a percentile bootstrap 95% "
+            f"interval over problems. changed outputs: outputs that differ from {self.reference}'s. only condition "
+            f"right / only {self.reference} right: the discordant pairs McNemar's exact test counts; p (Holm): "
+            f"Holm-adjusted across conditions. time ratio: wall time relative to {self.reference}. A dash: "
+            f"not defined for that row (the {self.reference} row has no difference to itself). summary.csv holds the same numbers unrounded, under their machine "
+            f"names (acc_low, diff_low, b01, mcnemar_p, ...).", css_class="note")
+        summary = self.summary()
+        shown = summary.astype({c: "float64" for c in ("diff", "diff_low", "diff_high")})
+        # The reference's difference to itself is 0 by construction: a dash says "not a result".
+        shown.loc[shown["condition"] == self.reference, ["diff", "diff_low", "diff_high"]] = math.nan
+        report.add_table(shown[SUMMARY_ACCURACY], caption="Summary: accuracy", kinds=SUMMARY_KINDS, headers={
+            "n_correct": "correct", "diff": f"vs {self.reference}", "b01": "only condition right",
+            "b10": f"only {self.reference} right"}, estimates={"acc_low": "accuracy"})
+        report.add_table(shown[SUMMARY_COST], caption="Summary: cost", kinds=SUMMARY_KINDS)
         diff = self.by_difficulty()
         if not diff.empty:
             report.add_heading("Accuracy by difficulty")
             report.add_figure(plot_accuracy_by_difficulty(diff, title="Accuracy by difficulty (Wilson 95% intervals)"),
                               caption="Error bars: Wilson 95% intervals per condition and difficulty.")
-            report.add_table(diff, caption="Accuracy by difficulty")
+            report.add_table(diff, caption="Accuracy by difficulty", kinds=BY_DIFFICULTY_KINDS)
         if self.saliency:
             comparison = self.compare_saliency()
             if not comparison.empty:
                 report.add_heading("Step-Saliency: correct vs incorrect traces")
-                report.add_table(comparison[comparison["level"] == "band"],
-                                 caption="Per band (effect: Cliff's delta, positive = correct larger)")
+                bands = comparison[comparison["level"] == "band"].drop(columns=["level", "layer"])
+                report.add_table(bands, caption="Per band (effect: Cliff's delta, positive = correct larger)")
             report.add_heading("Step maps of example traces")
             for cond in self.conditions:
                 correct, incorrect = self.saliency_groups(cond)

@@ -183,10 +183,12 @@ def plot_step_map(
     title: str | None = None,
     vmax: float | None = None,
     cmap: str = "Blues",
+    colorbar_label: str | None = None,
 ) -> Figure:
     """Heatmap of one layer's step map [step_q, step_k]: rows = query steps, columns = key steps.
 
     vmax: top of the colour scale (pass the global max to compare layers); default: this map's max.
+    colorbar_label: what the colours measure (e.g. the report's view).
     """
     m = _to_numpy(maps_layer, "maps_layer")
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
@@ -207,7 +209,9 @@ def plot_step_map(
     ax.set_ylabel("query step i")
     if title:
         ax.set_title(title)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    if colorbar_label:
+        bar.set_label(colorbar_label, fontsize=8)
     return fig
 
 

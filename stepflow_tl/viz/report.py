@@ -20,7 +20,7 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -31,29 +31,17 @@ from .plots import _as_frame, plot_metric_curves, plot_step_map
 from .stepmaps import (
     MAP_KIND_TEXT,
     POOL_TEXT,
+    _COLOUR_LABEL,
     _circuitsvis_props,
     _json_for_script,
     _to_numpy,
     circuitsvis_bundle,
+    resolve_view,
     step_map_data,
+    view_note,
+    view_values,
 )
-
-# Names and formulas of the diagnostics (docs/method.md, diagnostics); every report that shows
-# diagnostics repeats them, so a reader never has to guess what a curve means.
-METRIC_LEGEND: dict[str, str] = {
-    "LI (lock_in)": "LI_l = mean over thinking rows i > 0 of M_l[i, i] / r_i, with the causal row mass "
-    "r_i = sum_{j <= i} M_l[i, j]  (high in shallow layers = Shallow Lock-in)",
-    "QT (question_share)": "QT_l = mean over thinking rows i of sum_{j in question} M_l[i, j] / r_i",
-    "DS (summary_thinking_share)": "DS_l = mean over summary rows s of sum_{j in thinking} M_l[s, j] / r_s; "
-    "its slope over the deep layers (ds_slope_deep) measures Deep Decay",
-    "summary_self / thinking_self": "mean of the summary x summary / thinking x thinking block of M_l",
-    "anomaly ratio (anomaly_ratio)": "summary_self / thinking_self (summary self-intensity over "
-    "thinking self-intensity)",
-    "recency profile": "share of a row's mass at step distance d = i - j",
-    "shallow / deep": "bottom quarter / top quarter of the model's layers (li_shallow, qt_shallow, "
-    "ds_deep, anomaly_deep: means over those layers)",
-}
-
+from .tables import readable_table
 
 def _figure_png_base64(fig: Figure, dpi: int) -> str:
     buf = io.BytesIO()
@@ -68,20 +56,16 @@ def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, (float, np.floating)):
-        return _esc(f"{float(v):.4g}")
-    return _esc(v)
-
-
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1280px; padding: 0 16px; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.3em; margin-top: 1.6em; } h3 { font-size: 1.1em; }
 p.text { white-space: pre-wrap; overflow-wrap: anywhere; }
 table.data { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
 table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: left;
-  vertical-align: top; max-width: 60em; overflow-wrap: anywhere; white-space: pre-wrap; }
-table.data th { background: #f2f2f2; }
+  vertical-align: top; max-width: 60em; overflow-wrap: break-word; white-space: pre-wrap; }
+table.data th { background: #f2f2f2; white-space: nowrap; vertical-align: bottom; }
+table.data th.num, table.data td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+.table-wrap { overflow-x: auto; }
 table.data caption { text-align: left; font-weight: 600; padding: 4px 0; }
 .cv-view { position: relative; }
 figure { margin: 12px 0; } figure img { max-width: 100%; } figcaption { font-size: 0.85em; color: #555; }
@@ -118,19 +102,37 @@ class Report:
                 self._blocks.append(f'<p class="{_esc(css_class)}">{_esc(para)}</p>')
         return self
 
-    def add_table(self, df: Any, *, caption: str | None = None, index: bool = False, max_rows: int = 500) -> "Report":
-        """A DataFrame (or object with ``.to_dataframe()``) as an escaped HTML table."""
+    def add_table(
+        self,
+        df: Any,
+        *,
+        caption: str | None = None,
+        index: bool = False,
+        max_rows: int = 500,
+        kinds: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        estimates: Mapping[str, str] | None = None,
+    ) -> "Report":
+        """A DataFrame (or object with ``.to_dataframe()``) as an escaped HTML table for a reader:
+        headers in words, rounded numbers, intervals as "[a, b]", missing values as an em dash
+        (`stepflow_tl.viz.tables.readable_table`; ``kinds``, ``headers``, ``estimates`` go to it)."""
         frame = _as_frame(df, "table")
         shown = frame.head(max_rows)
-        cols = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
-        parts = ['<table class="data">']
+        if index:
+            shown = shown.reset_index()
+        table = readable_table(shown, kinds=kinds, headers=headers, estimates=estimates)
+        parts = ['<div class="table-wrap"><table class="data">']
         if caption:
             parts.append(f"<caption>{_esc(caption)}</caption>")
-        parts.append("<thead><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr></thead><tbody>")
-        for idx, row in zip(shown.index, shown.itertuples(index=False)):
-            cells = ([idx] if index else []) + list(row)
-            parts.append("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in cells) + "</tr>")
-        parts.append("</tbody></table>")
+        parts.append("<thead><tr>" + "".join(
+            f'<th class="{"num" if num else "text"}">{_esc(h)}</th>' for h, num in zip(table.headers, table.numeric)
+        ) + "</tr></thead><tbody>")
+        for row in table.rows:
+            parts.append("<tr>" + "".join(
+                f'<td class="num">{_esc(v)}</td>' if num else f"<td>{_esc(v)}</td>"
+                for v, num in zip(row, table.numeric)
+            ) + "</tr>")
+        parts.append("</tbody></table></div>")
         if len(frame) > max_rows:
             parts.append(f'<p class="note">{len(frame) - max_rows} more rows not shown.</p>')
         self._blocks.append("".join(parts))
@@ -154,21 +156,26 @@ class Report:
         labels: Sequence[str] | None = None,
         layers: Sequence[int] | None = None,
         kinds: Sequence[str] | None = None,
-        row_normalise: bool = False,
+        view: str | None = None,
+        bands: Mapping[str, Sequence[int]] | None = None,
         static_layers: Sequence[int] | None = (),
+        row_normalise: bool | None = None,
     ) -> "Report":
-        """All layers of one trace in one interactive circuitsvis view, one shared colour scale.
+        """All layers of one trace in one interactive circuitsvis view.
 
         result_or_arrays: a StepSaliency-like result or an array [layer, step_q, step_k]
-        (then pass ``labels``). row_normalise: divide each row by its sum before scaling
-        (display only). static_layers: model layer indices to also draw as PNG heatmaps
-        (readable without JavaScript, e.g. in a mail client), on the same colour scale.
+        (then pass ``labels``). view: how a cell becomes a colour (`stepflow_tl.viz.stepmaps.VIEWS`;
+        default ``"row_log"``, each cell's share of its row on a log scale); the page says which.
+        bands: ``{name: model layers}`` to draw one panel per band (the mean of its layers)
+        instead of one per layer. static_layers: model layer indices to also draw as PNG
+        heatmaps (readable without JavaScript, e.g. in a mail client), in the same view.
+        row_normalise: deprecated (True is ``view="row"``, False ``view="global"``).
         """
+        view = resolve_view(view, row_normalise)
         data = step_map_data(result_or_arrays, labels, layers=layers, kinds=kinds)
-        props, scale = _circuitsvis_props(data, row_normalise)
+        props, scale = _circuitsvis_props(data, view, bands)
         view_id = f"stepflow-cv-{len(self._views)}"
         self._views.append((view_id, props))
-        what = "row-normalised " if row_normalise else ""
         kind = data.map_kind or "unspecified"
         head = f"<h3>{_esc(title)}</h3>" if title else ""
         facts = [f"map kind: {kind}"]
@@ -177,27 +184,27 @@ class Report:
         if data.loss:
             facts.append(f"loss: {data.loss}")
         facts.append(f"{len(data.layers)} layers x {data.n_steps} steps")
+        if bands:
+            facts.append("panels: band means (" + ", ".join(props["attentionHeadNames"]) + ")")
         note = (
-            f"Rows = query step i, columns = key step j. Small panels L&lt;layer&gt;: hover to zoom, "
-            f"click to lock. One colour scale for all layers: cell value / {_esc(f'{scale:.4g}')} "
-            f"(the global max of the {what}maps over all layers); the tooltip 'Val' is that fraction. "
-            f"Grey cells are above the diagonal (a step cannot use later steps)."
+            "Rows = query step i, columns = key step j. Small panels: hover to zoom, click to lock. "
+            f"{view_note(view, scale)} Grey cells are above the diagonal (a step cannot use later steps)."
         )
         self._blocks.append(
             f'<div class="stepmaps">{head}<p class="note">{_esc(" | ".join(facts))}</p>'
-            f'<p class="note">{note}</p>'
+            f'<p class="note">{_esc(note)}</p>'
             f'<div id="{view_id}" class="cv-view"></div>'
             f'<noscript><p class="cv-error">The interactive view needs JavaScript.</p></noscript></div>'
         )
+        values = None
         for layer in static_layers or ():
             if layer not in data.layers:
                 raise StepflowError(f"static layer {layer} is not among the map layers {data.layers}")
-            m = data.maps[data.layers.index(layer)]
-            if row_normalise:
-                s = m.sum(axis=-1, keepdims=True)
-                m = np.divide(m, s, out=np.zeros_like(m), where=s > 0)
-            fig = plot_step_map(m, data.labels, title=f"layer {layer}", vmax=scale if scale > 0 else None)
-            self.add_figure(fig, f"Step map, layer {layer} ({kind}; same colour scale as the interactive view)")
+            if values is None:
+                values, _ = view_values(data.maps, view)
+            fig = plot_step_map(values[data.layers.index(layer)], data.labels, title=f"layer {layer}", vmax=1.0,
+                                colorbar_label=_COLOUR_LABEL[view])
+            self.add_figure(fig, f"Step map, layer {layer} ({kind}; view '{view}', as in the interactive view)")
         return self
 
     def add_step_maps_row(self, items: Sequence[tuple[Any, str]], **kwargs) -> "Report":
@@ -279,13 +286,40 @@ def _diagnostics_tables(diagnostics: Any, layers: Sequence[int]) -> tuple[pd.Dat
     return _as_frame(diagnostics, "diagnostics"), scalar
 
 
-def save_result_html(result: Any, path: str | Path, diagnostics: Any = None, *, title: str | None = None) -> Path:
+@runtime_checkable
+class ExplainsMetrics(Protocol):
+    """Diagnostics that carry the names and formulas of their metrics (``{name: definition}``),
+    so the report's legend is read from where the metrics are defined, never restated here."""
+
+    @property
+    def legend(self) -> Mapping[str, str]: ...
+
+
+@runtime_checkable
+class HasBands(Protocol):
+    """Diagnostics that know their layer bands (``{band: model layers}``)."""
+
+    @property
+    def bands(self) -> Mapping[str, Sequence[int]]: ...
+
+
+def save_result_html(
+    result: Any,
+    path: str | Path,
+    diagnostics: Any = None,
+    *,
+    title: str | None = None,
+    view: str | None = None,
+    legend: Mapping[str, str] | None = None,
+) -> Path:
     """Write one StepSaliency-like result (and optional diagnostics) as a self-contained report.
 
     diagnostics: a ``stepflow_tl.saliency.diagnostics.Diagnostics`` (per-layer table, headline numbers
-    from ``.summary()``, ``.notes``), a per-layer DataFrame (column "layer" plus one numeric
-    column per metric), any object with ``.to_dataframe()``, or a dict
-    {metric: scalar | 1-D array [layer]}.
+    from ``.summary()``, ``.notes``, the band-mean maps of its ``.bands`` and the metric legend
+    of its ``.legend``), a per-layer DataFrame (column "layer" plus one numeric column per metric),
+    any object with ``.to_dataframe()``, or a dict {metric: scalar | 1-D array [layer]}.
+    view: how the step maps are coloured (`stepflow_tl.viz.stepmaps.VIEWS`). legend: {metric:
+    definition} for diagnostics that do not carry one.
     """
     data = step_map_data(result)
     meta = data.meta
@@ -313,7 +347,9 @@ def save_result_html(result: Any, path: str | Path, diagnostics: Any = None, *, 
         report.add_table(pd.DataFrame({"key": list(meta), "value": [_meta_value(v) for v in meta.values()]}))
     report.add_heading("Step maps (all layers)")
     shallow, deep = data.layers[0], data.layers[-1]
-    report.add_step_maps(data, static_layers=sorted({shallow, deep}))
+    report.add_step_maps(data, view=view, static_layers=sorted({shallow, deep}))
+    if isinstance(diagnostics, HasBands):
+        report.add_step_maps(data, "Band means (the diagnostics' bands)", view=view, bands=diagnostics.bands)
     report.add_heading("Steps", 3)
     kinds = data.kinds or [""] * data.n_steps
     report.add_table(pd.DataFrame({"step": range(data.n_steps), "kind": kinds, "label": data.labels}))
@@ -337,8 +373,11 @@ def save_result_html(result: Any, path: str | Path, diagnostics: Any = None, *, 
                 pd.DataFrame({"metric": list(notes), "note": [str(v) for v in notes.values()]}),
                 caption="Why some metrics are missing or partial",
             )
-        report.add_heading("Metric legend", 3)
-        report.add_table(pd.DataFrame({"metric": list(METRIC_LEGEND), "definition": list(METRIC_LEGEND.values())}))
+        if legend is None and isinstance(diagnostics, ExplainsMetrics):
+            legend = diagnostics.legend
+        if legend:
+            report.add_heading("Metric legend", 3)
+            report.add_table(pd.DataFrame({"metric": list(legend), "definition": list(legend.values())}))
     return report.save(path)
 
 

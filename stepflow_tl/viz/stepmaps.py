@@ -9,9 +9,11 @@ starts from `step_map_data`, which accepts a ``StepSaliency``-like result (``.ma
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -213,31 +215,131 @@ def _json_for_script(obj: Any) -> str:
     )
 
 
-def _circuitsvis_props(data: StepMapData, row_normalise: bool) -> tuple[dict, float]:
-    """Props for circuitsvis ``AttentionHeads`` with layers as "heads"; returns (props, scale).
+# How a cell becomes a colour. Real traces put most of a row's mass on a few cells near the
+# diagonal (about half of it on the diagonal itself in R1 traces), so one linear scale over
+# every layer leaves almost every cell white; the default view reads each cell as its share
+# of the row on a log scale, which is comparable across layers and shows the off-diagonal
+# structure (docs/visualisation.md has the measurements behind the choice).
+LOG_DECADES = 3
+VIEWS: dict[str, str] = {
+    "row_log": f"each cell as its share of the query step's row (cell / the row's sum), on a log scale "
+    f"from {10.0 ** -LOG_DECADES:.1%} (white) to 100% (darkest); one scale for every panel",
+    "row": "each cell as its share of the query step's row (cell / the row's sum), linear from 0 (white) "
+    "to the largest share on the page (darkest); one scale for every panel",
+    "layer": "each cell / the largest cell of its own panel, linear: one scale per panel (compare cells "
+    "within a panel, not colours across panels)",
+    "layer_log": f"each cell / the largest cell of its own panel, on a log scale from {10.0 ** -LOG_DECADES:.1%} "
+    "(white) to 100% (darkest): one scale per panel",
+    "global": "each cell / the largest cell over every panel, linear: one scale for all panels (absolute "
+    "magnitudes; on real traces a few cells near the diagonal dominate and most cells look white)",
+}
+DEFAULT_VIEW = "row_log"
+# The colour bar of a static figure in each view.
+_COLOUR_LABEL = {
+    "row_log": "share of the row (log position: 0 = 0.1%, 1 = 100%)",
+    "row": "share of the row / the largest share",
+    "layer": "cell / the layer's largest cell",
+    "layer_log": "cell / the layer's largest cell (log position: 0 = 0.1%, 1 = 100%)",
+    "global": "cell / the largest cell of all layers",
+}
+
+
+def check_view(view: str) -> str:
+    """``view`` if it names one of `VIEWS`, else a `StepflowError` listing them."""
+    if view not in VIEWS:
+        raise StepflowError(f"unknown step-map view {view!r}; expected one of {list(VIEWS)}")
+    return view
+
+
+def _log_position(x: np.ndarray) -> np.ndarray:
+    """x in (0, 1] -> 0 at 10**-LOG_DECADES (and below), 1 at 1, linear in log10(x)."""
+    logs = np.log10(np.maximum(x, 10.0 ** -(LOG_DECADES + 1)))
+    return np.clip(1.0 + logs / LOG_DECADES, 0.0, 1.0)
+
+
+def view_values(maps: np.ndarray, view: str = DEFAULT_VIEW) -> tuple[np.ndarray, float]:
+    """The colour position in [0, 1] of every cell of ``maps`` [panel, step_q, step_k] under
+    ``view`` (see `VIEWS`), and the scale: the divisor of the linear ``global`` and ``row``
+    views (the largest cell / share), 1.0 for the others."""
+    check_view(view)
+    maps = np.abs(maps)
+    if view in ("row", "row_log"):
+        sums = maps.sum(axis=-1, keepdims=True)
+        maps = np.divide(maps, sums, out=np.zeros_like(maps), where=sums > 0)
+        if view == "row_log":
+            return _log_position(maps) * (maps > 0), 1.0
+    if view in ("layer", "layer_log"):
+        tops = maps.max(axis=(-2, -1), keepdims=True)
+        maps = np.divide(maps, tops, out=np.zeros_like(maps), where=tops > 0)
+        return (_log_position(maps) * (maps > 0) if view == "layer_log" else maps), 1.0
+    scale = float(maps.max()) if maps.size else 0.0
+    return (maps / scale if scale > 0 else maps), scale
+
+
+def band_panels(data: StepMapData, bands: Mapping[str, Sequence[int]]) -> tuple[np.ndarray, list[str]]:
+    """One panel per band: the mean of the band's layers present in ``data`` ([band, step_q,
+    step_k]) and its name with the layers ("shallow L0-6"); bands with no layer here are left out."""
+    panels, names = [], []
+    for band, layers in bands.items():
+        rows = [data.layers.index(l) for l in layers if l in data.layers]
+        if rows:
+            panels.append(data.maps[rows].mean(axis=0))
+            present = [data.layers[r] for r in rows]
+            span = f"L{present[0]}" if len(present) == 1 else f"L{present[0]}-{present[-1]}"
+            names.append(f"{band} {span}")
+    if not panels:
+        raise StepflowError(f"none of the bands {dict(bands)} has a layer among the map layers {data.layers}")
+    return np.stack(panels), names
+
+
+def _circuitsvis_props(
+    data: StepMapData, view: str = DEFAULT_VIEW, bands: Mapping[str, Sequence[int]] | None = None
+) -> tuple[dict, float]:
+    """Props for circuitsvis ``AttentionHeads`` with layers (or ``bands``) as "heads"; returns
+    (props, scale) with the scale of `view_values`.
 
     AttentionHeads colours a cell by value / maxValue with one maxValue for every small view and
-    for the zoomed one, so dividing all layers by the single global max (and passing maxValue 1)
-    gives every layer the same colour scale. Values are rounded to 4 decimals of that fraction
-    to keep the page small.
+    for the zoomed one, so the cells go in as their colour position in [0, 1] (`view_values`)
+    with maxValue 1. Values are rounded to 4 decimals to keep the page small.
     """
-    maps = data.maps
-    if row_normalise:
-        sums = np.abs(maps).sum(axis=-1, keepdims=True)
-        maps = np.divide(maps, sums, out=np.zeros_like(maps), where=sums > 0)
-    scale = float(np.abs(maps).max())
-    scaled = maps / scale if scale > 0 else maps
+    if bands:
+        maps, names = band_panels(data, bands)
+    else:
+        maps, names = data.maps, [f"L{layer}" for layer in data.layers]
+    values, scale = view_values(maps, view)
     # Whitespace in labels is stripped by circuitsvis' axis code; a middle dot keeps words apart.
     tokens = [re.sub(r"\s+", "\u00b7", t) for t in data.labels]
     props = {
-        "attention": np.round(scaled, _VALUE_DECIMALS).tolist(),
+        "attention": np.round(values, _VALUE_DECIMALS).tolist(),
         "tokens": tokens,
-        "attentionHeadNames": [f"L{layer}" for layer in data.layers],
+        "attentionHeadNames": names,
         "maxValue": 1.0,
         "minValue": -1.0,
         "maskUpperTri": True,
     }
     return props, scale
+
+
+def view_note(view: str, scale: float) -> str:
+    """What the colours of a panel mean under ``view``, for the page (tooltip included)."""
+    text = VIEWS[check_view(view)]
+    if view == "global":
+        text += f"; the largest cell is {scale:.4g}"
+    elif view == "row":
+        text += f"; the largest share is {scale:.1%}"
+    tip = "a cell's position on that log scale (0-1)" if view.endswith("_log") else "that fraction"
+    return f"View '{view}': {text}. The tooltip 'Val' is {tip}."
+
+
+def resolve_view(view: str | None, row_normalise: bool | None) -> str:
+    """The view for a call that may still pass the deprecated ``row_normalise``."""
+    if row_normalise is None:
+        return check_view(view or DEFAULT_VIEW)
+    warnings.warn("row_normalise is deprecated (it goes in the next release); pass view='row' "
+                  "(row_normalise=True) or view='global' (row_normalise=False)", DeprecationWarning, stacklevel=3)
+    if view is not None:
+        raise StepflowError("pass view or the deprecated row_normalise, not both")
+    return "row" if row_normalise else "global"
 
 
 class StepMapsView(RenderedHTML):
@@ -257,18 +359,23 @@ def step_maps_view(
     *,
     layers: Sequence[int] | None = None,
     kinds: Sequence[str] | None = None,
-    row_normalise: bool = False,
+    view: str | None = None,
+    bands: Mapping[str, Sequence[int]] | None = None,
+    row_normalise: bool | None = None,
 ) -> StepMapsView:
-    """All layers of one trace in one circuitsvis ``AttentionHeads`` view, one colour scale
-    (the global max over layers), for a notebook cell.
+    """All layers of one trace (or the means of ``bands``) in one circuitsvis ``AttentionHeads``
+    view for a notebook cell, coloured by ``view`` (`VIEWS`; default `DEFAULT_VIEW`).
+    ``row_normalise`` is deprecated: True is ``view="row"``, False ``view="global"``.
 
     Returns a `StepMapsView` (a circuitsvis ``RenderedHTML``): displayed in Jupyter it
     renders offline; ``.local_src`` is its HTML.
     """
+    view = resolve_view(view, row_normalise)
     data = step_map_data(result_or_arrays, labels, layers=layers, kinds=kinds)
-    props, _ = _circuitsvis_props(data, row_normalise)
+    props, scale = _circuitsvis_props(data, view, bands)
     view_id = "stepflow-cv-" + uuid.uuid4().hex[:12]
     page = (
+        f'<p style="font-size: 0.85em; color: #555;">{html.escape(view_note(view, scale))}</p>\n'
         f'<div id="{view_id}" style="margin: 15px 0;"></div>\n'
         f"<script>{circuitsvis_bundle()}\n"
         f"CircuitsVis.render({json.dumps(view_id)}, CircuitsVis.AttentionHeads, {_json_for_script(props)});</script>"
