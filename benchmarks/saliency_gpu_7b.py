@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     import torch
 
     from stepflow_tl import step_saliency
-    from stepflow_tl.tl.attention import tiled_attention
+    from stepflow_tl.tl.attention import TiledAttentionScope
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32768)
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         raise SystemExit("no CUDA device; run with --tiny --device cpu to check the script")
     model = build(TINY if args.tiny else R1_DISTILL_QWEN_7B, args.device, dtype)
     trace = C.long_trace(model, args.tokens)
-    tiled_attention.BLOCK = args.block
+    TiledAttentionScope.BLOCK = args.block
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()

@@ -686,3 +686,22 @@ def test_valid_edge_values_and_negative_alpha_are_accepted(tiny_bridge):
     assert resolve_layers(range(1, 3), tiny_bridge) == [1, 2]
     with pytest.raises(StepflowError, match=r"layers \[30\] are outside the model, which has 3 layers \(0..2\)"):
         resolve_layers([30], tiny_bridge)
+
+
+def test_layer_spec_bands_name_the_diagnostics_bands(tiny_model, smollm2):
+    import stepflow_tl.interventions.base as base
+    from stepflow_tl.saliency.diagnostics import BANDS, band_layers
+
+    assert not hasattr(base, "BANDS")  # one BANDS: the diagnostics' shallow / middle / deep
+    assert set(base.LAYER_BANDS.values()) - {None} <= set(BANDS)
+    for model in (tiny_model, smollm2):
+        bands = band_layers(adapter(model).n_layers)
+        for spec, band in base.LAYER_BANDS.items():
+            assert resolve_layers(spec, model) == (bands[band] if band else list(range(adapter(model).n_layers)))
+
+
+def test_renamed_classes_keep_their_old_names_for_one_release():
+    from stepflow_tl.saliency.losses import LossInUnembedding, loss_in_unembedding
+    from stepflow_tl.tl.attention import TiledAttentionScope, tiled_attention
+
+    assert loss_in_unembedding is LossInUnembedding and tiled_attention is TiledAttentionScope

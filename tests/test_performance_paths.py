@@ -19,7 +19,7 @@ from reference import pool_loop, reference_saliency
 
 from stepflow_tl import StepflowError
 from stepflow_tl.saliency.compute import _LayerPooler, step_saliency
-from stepflow_tl.saliency.losses import loss_in_unembedding as _loss_in_unembedding
+from stepflow_tl.saliency.losses import LossInUnembedding as _loss_in_unembedding
 from stepflow_tl.tl.adapter import adapter
 from stepflow_tl.tl.models import load_model, make_tiny_hf
 from stepflow_tl.traces.pooling import block_sums, pair_counts, pool_to_steps, step_onehot

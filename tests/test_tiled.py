@@ -14,7 +14,7 @@ from reference import hf_attention_and_grads, pool_loop, reference_saliency
 from stepflow_tl import StepflowError
 from stepflow_tl.saliency.compute import step_saliency
 from stepflow_tl.saliency.losses import answer_token_positions
-from stepflow_tl.tl.attention import TileSpec, tiled_attention, tiled_attention_heads, tiled_unsupported_reason
+from stepflow_tl.tl.attention import TileSpec, TiledAttentionScope, tiled_attention_heads, tiled_unsupported_reason
 from stepflow_tl.tl.adapter import adapter
 from stepflow_tl.tl.models import load_model, make_tiny_hf
 
@@ -26,7 +26,7 @@ def trace(tokenizer):
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """Tiles of 16 tokens: a ~90-token trace then has diagonal, interior and skipped tiles."""
-    monkeypatch.setattr(tiled_attention, "BLOCK", 16)
+    monkeypatch.setattr(TiledAttentionScope, "BLOCK", 16)
 
 
 def _rel(a, b) -> float:
@@ -199,7 +199,7 @@ def test_model_forward_under_tiled_attention_is_unchanged(tiny_model, tokenizer)
         expected = tiny_model(tokens, attention_mask=mask, **extra)
         fired = []
         hooks = [(f"blocks.1.attn.hook_{n}", lambda x, hook, n=n: fired.append(n)) for n in ("rot_q", "rot_k", "v", "z")]
-        with tiled_attention(tiny_model, lambda layer: None):
+        with TiledAttentionScope(tiny_model, lambda layer: None):
             got = tiny_model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, **extra)
     assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-5)
     assert torch.allclose(got[1, 3:], expected[1, 3:], rtol=0, atol=1e-5)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import sys
 
+import pandas as pd
+from tqdm.auto import tqdm
+
 from ..errors import StepflowError
 from ..saliency import Diagnostics, StepSaliency, compare, diagnose, step_saliency
 from ..saliency.compute import MODES, SALIENCY_POOLS
+from ..saliency.diagnostics import HEADLINE_HEADERS
 from ..saliency.losses import LOSSES, loss_target_positions
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
@@ -31,9 +35,6 @@ def cmd_saliency(args) -> int:
     stderr, and the others are still computed and written. Under ``accelerate launch``
     the traces are split across the processes (one model each) and the main process
     gathers the saved maps."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
     if args.max_tokens is None:
         refuse_unused(args, {"truncate": "--truncate"}, "without --max-tokens N",
                       "add --max-tokens N (the length to cut to) or drop --truncate")
@@ -49,11 +50,11 @@ def cmd_saliency(args) -> int:
                             "'question' and 'output'")
     if args.limit:
         traces = traces[: args.limit]
-    measurable, skipped = [], []
+    measurable, skipped, positions = [], [], {}
     for i, trace in enumerate(traces):
         trace.meta.setdefault("trace_id", i)
         try:
-            loss_target_positions(args.loss, trace)  # cheap: the loss has something to score
+            positions[i] = loss_target_positions(args.loss, trace)  # the loss has something to score
         except StepflowError as exc:
             skipped.append({"trace": i, "record": trace.meta.get("record_index", i),
                             "id": trace.meta.get("id", trace.meta.get("trace_id")), "reason": str(exc)})
@@ -64,7 +65,8 @@ def cmd_saliency(args) -> int:
         with state.split_between_processes(mine) as part:
             mine = list(part)
     for i in tqdm(mine, desc="step saliency", unit="trace", disable=rank != 0):
-        step_saliency(model, traces[i], loss=args.loss, pool=args.pool, mode=args.mode).save(out / f"trace{i:04d}")
+        step_saliency(model, traces[i], loss=args.loss, pool=args.pool, mode=args.mode,
+                      loss_positions=positions[i]).save(out / f"trace{i:04d}")
     if state:
         state.wait_for_everyone()
     if rank != 0:
@@ -88,7 +90,8 @@ def cmd_saliency(args) -> int:
         metrics.to_csv(out / "metrics.csv", index=False)
         shown = [c for c in ("trace", "record", "id", "correct", *Diagnostics.HEADLINES, "n_question", "n_thinking",
                              "n_summary", "n_layers", "mode", "loss_value") if c in metrics.columns]
-        report.add_table(metrics[shown], caption=f"Diagnostics per trace (all columns: {out / 'metrics.csv'})")
+        report.add_table(metrics[shown], caption=f"Diagnostics per trace (all columns: {out / 'metrics.csv'})",
+                         headers=HEADLINE_HEADERS)
     labelled = [(t.meta.get("correct"), r) for t, r, _ in results]
     correct = [r for label, r in labelled if label is True]
     incorrect = [r for label, r in labelled if label is False]

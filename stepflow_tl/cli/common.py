@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import StepflowError
-from ..interventions.base import BANDS
+from ..interventions.base import LAYER_BANDS
 from ..study.run import distributed_state
 from ..tl.models import BACKENDS, DTYPES, load_model
 
@@ -47,7 +47,7 @@ def load_from_args(args):
 
 def parse_layers(text: str):
     """A layer spec from the command line: a band name, ``"3"``, ``"0,2,5"`` or ``"0-6"``."""
-    if text in BANDS:
+    if text in LAYER_BANDS:
         return text
     layers = []
     for part in text.split(","):
@@ -56,7 +56,7 @@ def parse_layers(text: str):
             layers.extend(range(int(first), int(last) + 1) if last else [int(first)])
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected a band (bottom_quarter, top_quarter, all), N, N,M or N-M; got {text!r}"
+                f"expected a band ({', '.join(LAYER_BANDS)}), N, N,M or N-M; got {text!r}"
             ) from None
     return layers
 

@@ -21,17 +21,20 @@ LayerSpec = Union[str, int, Sequence[int], range]
 
 
 # --------------------------------------------------------------------------- layers
-BANDS = ("bottom_quarter", "top_quarter", "all")
+# The layer specs that name a band, and the diagnostics band (`BANDS`) each one is; "all" is
+# every layer. The spellings are part of every results file (an intervention is recorded by
+# its repr and a resumed study compares them), so they stay; `BANDS` is the one band vocabulary.
+LAYER_BANDS: dict[str, str | None] = {"bottom_quarter": "shallow", "top_quarter": "deep", "all": None}
 
 
 def check_layer_spec(spec: LayerSpec, name: str = "layers") -> LayerSpec:
     """``spec`` checked without a model (interventions call it at construction): a band
-    name from `BANDS`, a layer index >= 0, a range, or a non-empty list of indices.
+    name from `LAYER_BANDS`, a layer index >= 0, a range, or a non-empty list of indices.
     Returns it with numpy integers made ints; ``[1.5]`` and ``[True]`` are refused
     rather than read as layer 1."""
     if isinstance(spec, str):
-        if spec not in BANDS:
-            raise StepflowError(f"unknown layer band {spec!r} for {name}; expected one of {list(BANDS)}, "
+        if spec not in LAYER_BANDS:
+            raise StepflowError(f"unknown layer band {spec!r} for {name}; expected one of {list(LAYER_BANDS)}, "
                                 "a layer index, a list or a range")
         return spec
     if isinstance(spec, range):
@@ -43,7 +46,7 @@ def check_layer_spec(spec: LayerSpec, name: str = "layers") -> LayerSpec:
             raise StepflowError(f"{name} selects no layer (an empty list)")
         return [check_int(f"{name}[{i}]", layer, low=0) for i, layer in enumerate(spec)]
     if not hasattr(spec, "__index__"):
-        raise StepflowError(f"{name} must be a band name {list(BANDS)}, a layer index, a list or a range of "
+        raise StepflowError(f"{name} must be a band name {list(LAYER_BANDS)}, a layer index, a list or a range of "
                             f"layer indices, got {spec!r}")
     return check_int(name, spec, low=0)
 
@@ -51,10 +54,11 @@ def check_layer_spec(spec: LayerSpec, name: str = "layers") -> LayerSpec:
 def resolve_layers(spec: LayerSpec, model) -> List[int]:
     """Model layer indices from a spec.
 
-    ``"bottom_quarter"`` and ``"top_quarter"`` are the diagnostics' shallow and deep
-    bands (`stepflow_tl.saliency.diagnostics.band_layers`: a quarter of the layers rounded half
-    up, at least one; SmolLM2's 30 layers give 0-7 and 22-29), so interventions act on
-    exactly the layers the diagnostics call shallow and deep; ``"all"`` is every layer;
+    ``"bottom_quarter"`` and ``"top_quarter"`` are the diagnostics' ``"shallow"`` and
+    ``"deep"`` bands (`LAYER_BANDS`; `stepflow_tl.saliency.diagnostics.band_layers`: a quarter of
+    the layers rounded half up, at least one; SmolLM2's 30 layers give 0-7 and 22-29), so
+    interventions act on exactly the layers the diagnostics call shallow and deep; ``"all"`` is
+    every layer;
     an int, a list or a range are taken as they are.
 
     Raises:
@@ -63,9 +67,8 @@ def resolve_layers(spec: LayerSpec, model) -> List[int]:
     spec = check_layer_spec(spec)
     a = adapter(model)
     if isinstance(spec, str):
-        quarters = band_layers(a.n_layers)
-        spec = {"bottom_quarter": quarters["shallow"], "top_quarter": quarters["deep"],
-                "all": range(a.n_layers)}[spec]
+        band = LAYER_BANDS[spec]
+        spec = range(a.n_layers) if band is None else band_layers(a.n_layers)[band]
     elif isinstance(spec, int):
         spec = [spec]
     return sorted(set(a.check_layers(list(spec))))

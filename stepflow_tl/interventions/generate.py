@@ -13,6 +13,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Union
 
+import pandas as pd
 import torch
 
 from ..errors import StepflowError, check_int, check_real
@@ -64,8 +65,6 @@ class Generation:
 
     def to_dataframe(self):
         """The event log as a pandas DataFrame (one row per layer x query that fired)."""
-        import pandas as pd
-
         cols = list(InterventionEvent.__dataclass_fields__)
         return pd.DataFrame([asdict(e) for e in self.events], columns=cols)
 

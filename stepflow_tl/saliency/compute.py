@@ -28,14 +28,15 @@ from contextlib import ExitStack, contextmanager
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
+from jaxtyping import Int
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from ..errors import StepflowError
 from ..tl.adapter import adapter, attn_hook, block_hook
-from ..tl.attention import tiled_attention, tiled_unsupported_reason
+from ..tl.attention import TiledAttentionScope, tiled_unsupported_reason
 from ..tl.hooks import PermanentHooks, checkpointed_blocks, layer_of
 from ..traces.pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
-from .losses import LossFn, at_least_fp32, loss_in_unembedding, loss_target_positions, resolve_loss
+from .losses import LossFn, LossInUnembedding, at_least_fp32, loss_target_positions, resolve_loss
 from .maps import StepSaliency
 from .tiled import TilePooler
 
@@ -207,7 +208,7 @@ class _TiledGradients:
         return [(block_hook(self.layers[0], "resid_pre"), self._on_input)]
 
     def contexts(self, model) -> list:
-        return [tiled_attention(model, self.tiles.get), checkpointed_blocks(model, self.layers[0])]
+        return [TiledAttentionScope(model, self.tiles.get), checkpointed_blocks(model, self.layers[0])]
 
     def _on_input(self, resid, hook):
         if self.target is None:
@@ -237,6 +238,7 @@ def step_saliency(
     mode: str = "dense",
     interventions: Sequence = (),
     state=None,
+    loss_positions: Optional[Int[torch.Tensor, "n"]] = None,
 ) -> StepSaliency:
     """Step-Saliency maps of one trace.
 
@@ -261,6 +263,9 @@ def step_saliency(
         interventions, state: see `intervened`; the maps are then those of the
             teacher-forced forward that StepFlow (or a control) edits exactly as
             KV-cached generation edits each position of this trace.
+        loss_positions: the positions a built-in ``loss`` scores
+            (`stepflow_tl.saliency.losses.loss_target_positions`), when the caller resolved
+            them already (the CLI does, to skip traces the loss cannot measure).
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
@@ -279,7 +284,10 @@ def step_saliency(
         # controls edit attention: the edits would be silently skipped.
         raise StepflowError("mode='tiled' cannot apply interventions (its attention runs without the "
                             "hook_attn_scores/hook_pattern they edit); use mode='bounded' or 'dense'")
-    loss_name, loss_fn = resolve_loss(loss, trace)
+    positions = None
+    if not callable(loss):  # resolved once: the loss function and the block-wise loss share them
+        positions = loss_positions if loss_positions is not None else loss_target_positions(loss, trace)
+    loss_name, loss_fn = resolve_loss(loss, trace, positions)
     # Bounded and tiled modes never hold whole-sequence logits for a built-in loss; a
     # callable loss needs them, so it gets them.
     blockwise_loss = mode in ("bounded", "tiled") and not callable(loss)
@@ -298,7 +306,7 @@ def step_saliency(
             stack.enter_context(context)
         if blockwise_loss:
             in_unembedding = stack.enter_context(
-                loss_in_unembedding(model, trace.token_ids, loss_target_positions(loss, trace))
+                LossInUnembedding(model, trace.token_ids, positions)
             )
             value = in_unembedding.check_output(a.forward(tokens))
         else:

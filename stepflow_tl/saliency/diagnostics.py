@@ -36,7 +36,7 @@ from ..errors import StepflowError
 from ..stats import compare_groups, holm
 from ..traces.formats import STEP_KINDS
 
-__all__ = ["METRICS", "METRIC_LEGEND", "BANDS", "Diagnostics", "band_layers", "diagnose", "compare"]
+__all__ = ["METRICS", "METRIC_LEGEND", "HEADLINE_METRICS", "BANDS", "Diagnostics", "band_layers", "diagnose", "compare"]
 
 METRICS = (
     "lock_in",
@@ -47,6 +47,17 @@ METRICS = (
     "anomaly_ratio",
 )
 BANDS = ("shallow", "middle", "deep")
+# One metric, one name: the per-layer column is the metric's name (``lock_in``); LI / QT / DS are
+# the symbols of the formulas (docs/method.md); a headline of a trace is a band mean of a metric,
+# named by its CSV column (a file format, so the short names stay). Reports print the long form.
+HEADLINE_METRICS: dict[str, tuple[str, str]] = {
+    "li_shallow": ("lock_in", "shallow mean"),
+    "qt_shallow": ("question_share", "shallow mean"),
+    "ds_deep": ("summary_thinking_share", "deep mean"),
+    "ds_slope_deep": ("summary_thinking_share", "slope over deep layers"),
+    "anomaly_deep": ("anomaly_ratio", "deep mean"),
+}
+HEADLINE_HEADERS: dict[str, str] = {h: f"{m} ({what})" for h, (m, what) in HEADLINE_METRICS.items()}
 _SELF_BLOCKS = ("full", "lower")
 
 # Names and formulas of the metrics above, for readers: every report that shows diagnostics
@@ -195,7 +206,7 @@ class Diagnostics:
     map_kind: str = "saliency"
     meta: dict = field(default_factory=dict)
 
-    HEADLINES = ("li_shallow", "qt_shallow", "ds_deep", "ds_slope_deep", "anomaly_deep")
+    HEADLINES = tuple(HEADLINE_METRICS)
 
     @property
     def layers(self) -> list[int]:

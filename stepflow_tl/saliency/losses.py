@@ -73,15 +73,19 @@ def loss_target_positions(loss: str, trace) -> Int[torch.Tensor, "n"]:
     raise ValueError(f"loss must be one of {LOSSES} or a callable(logits, trace), got {loss!r}")
 
 
-def resolve_loss(loss: Union[str, LossFn], trace) -> tuple:
-    """``(name, fn(logits [1, pos, vocab]) -> scalar)`` for a loss spec."""
+def resolve_loss(
+    loss: Union[str, LossFn], trace, positions: Optional[Int[torch.Tensor, "n"]] = None
+) -> tuple:
+    """``(name, fn(logits [1, pos, vocab]) -> scalar)`` for a loss spec; ``positions``: the
+    built-in loss's `loss_target_positions` when the caller has them already."""
     if callable(loss):
         return getattr(loss, "__name__", "callable"), lambda logits: loss(logits, trace)
-    positions = loss_target_positions(loss, trace)
+    if positions is None:
+        positions = loss_target_positions(loss, trace)
     return loss, lambda logits: _target_ce(logits, trace.token_ids, positions)
 
 
-class loss_in_unembedding:
+class LossInUnembedding:
     """Compute a built-in loss inside the unembedding, one block of positions at a time.
 
     Used by bounded mode. Otherwise the ``[1, pos, vocab]`` logits, their log-softmax
@@ -168,3 +172,7 @@ class loss_in_unembedding:
                 "use mode='dense' or pass the loss as a callable(logits, trace)"
             )
         return self.loss
+
+
+# Deprecated alias of the old lowercase name, removed in the next release (docs/architecture.md).
+loss_in_unembedding = LossInUnembedding

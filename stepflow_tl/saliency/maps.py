@@ -5,11 +5,13 @@ and its views (pandas, diagnostics, HTML, circuitsvis)."""
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float
 
@@ -71,8 +73,6 @@ class StepSaliency:
 
     def to_dataframe(self):
         """Long format: layer, step_q, step_k, kind_q, kind_k, label_q, label_k, value."""
-        import pandas as pd
-
         n_layers, n_q, n_k = self.maps.shape
         layer_idx, q_idx, k_idx = np.meshgrid(
             np.arange(n_layers), np.arange(n_q), np.arange(n_k), indexing="ij"
@@ -121,8 +121,6 @@ class StepSaliency:
         """Read what `save` wrote, checking that it is one consistent map: shapes, layer
         indices, step kinds and labels, dtypes and finite non-negative values. Anything
         else is a `StepflowError` naming the file, not NaN diagnostics later."""
-        import zipfile
-
         path = Path(path).with_suffix(".npz")
         meta_path = path.with_suffix(".json")
         try:

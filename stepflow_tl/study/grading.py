@@ -211,7 +211,7 @@ def _extract_math(region: str) -> Optional[str]:
 def _last_expression(summary: str, timeout_seconds: Optional[int]) -> Optional[str]:
     """math_verify's extraction of the last expression in ``summary``: the string it matched
     (LaTeX delimiters removed), cut to what follows its last top-level ``=``."""
-    from math_verify import parse
+    from math_verify import parse  # here, not at the top: importing math_verify takes seconds (sympy)
 
     found = parse(summary, fallback_mode="first_match", extraction_mode="first_match",
                   parsing_timeout=_effective_timeout(timeout_seconds))

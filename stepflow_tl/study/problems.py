@@ -20,6 +20,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import pandas as pd
+
 from ..errors import StepflowError, check_int
 from ..traces.records import read_json_records, read_text
 
@@ -169,8 +171,6 @@ def _read_parquet(path: Path) -> list[dict]:
         import pyarrow  # noqa: F401  (pandas needs it for parquet; fail with an actionable message)
     except ImportError:
         raise StepflowError(f"{path}: reading Parquet needs pyarrow; run `pip install pyarrow`") from None
-    import pandas as pd
-
     try:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError

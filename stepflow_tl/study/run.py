@@ -19,10 +19,12 @@ import json
 import os
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..errors import StepflowError, check_bool, check_int, check_real
 from ..interventions.generate import generate, row_seed, seed_for_rows
@@ -63,8 +65,6 @@ def _problem_fingerprint(problems: Sequence[Problem]) -> str:
 
 def _software() -> Dict[str, str]:
     """Versions of the packages whose numerics decide a generated token."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("stepflow_tl", "torch", "transformers", "transformer_lens"):
         try:
@@ -275,8 +275,6 @@ def evaluate(
         total = sum(len(v) for v in pending.values())
         bar = None
         if progress and rank == 0 and total:
-            from tqdm.auto import tqdm
-
             bar = held.enter_context(tqdm(total=total, unit="item", desc="study", file=sys.stderr))
         for name, ivs in conds.items():
             if bar is not None:

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import StepflowError
 from ..interventions.generate import row_seed
@@ -423,8 +424,6 @@ def validate(model, traces, out, *, config: Optional[ValidationConfig] = None, p
     pending = [i for i in mine if i not in done]
     bar = None
     if progress and rank == 0 and pending:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(pending), unit="trace", desc="validate", file=sys.stderr)
     try:
         for i in pending:

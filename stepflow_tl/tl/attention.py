@@ -14,7 +14,7 @@ Tiles above the causal diagonal (and before a sliding window) are skipped, not
 masked. Grouped-query heads share their key/value head without copying: the query
 heads of one group are stacked along the rows of the tile.
 
-`tiled_attention` installs the function in the attention of a ``TransformerBridge``
+`TiledAttentionScope` installs the function in the attention of a ``TransformerBridge``
 (Llama/Qwen2/Mistral-style rotary attention, `PositionEmbeddingsAttentionBridge`) or
 a ``HookedTransformer``, for the duration of a ``with`` block. Reproducing each
 backend's attention up to its rotated q and k is backend code, so it lives here, next
@@ -29,6 +29,7 @@ from contextlib import ExitStack
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 
 from ..errors import StepflowError
@@ -231,7 +232,7 @@ def tiled_attention_heads(
 
 
 # ---------------------------------------------------------------------- installing it in models
-class tiled_attention:
+class TiledAttentionScope:
     """Run the attention of ``model``'s blocks with `tiled_attention_heads`, for a ``with`` block.
 
     Args:
@@ -265,7 +266,7 @@ class tiled_attention:
                 vars(attn)["forward"] = make(attn, layer, self)
                 self._stack.callback(vars(attn).pop, "forward", None)
             if self.kind == "bridge":
-                self._stack.enter_context(_no_materialised_mask(self.model))
+                self._stack.enter_context(_NoMaterialisedMask(self.model))
         except BaseException:
             self._stack.close()
             raise
@@ -277,9 +278,9 @@ class tiled_attention:
 
 
 def tiled_unsupported_reason(model) -> Optional[str]:
-    """Why `tiled_attention` would refuse ``model``, or None if it runs it."""
+    """Why `TiledAttentionScope` would refuse ``model``, or None if it runs it."""
     try:
-        with tiled_attention(model, lambda layer: None):
+        with TiledAttentionScope(model, lambda layer: None):
             pass
     except StepflowError as error:
         return str(error)
@@ -297,7 +298,7 @@ def _refuse_pattern_hooks(attn, layer: int) -> None:
             )
 
 
-class _no_materialised_mask:
+class _NoMaterialisedMask:
     """Let transformers pass a 2D padding mask (or None), not a ``[batch, 1, T, T]`` one.
 
     The eager mask of a 32k trace is 4 GiB in fp32. The flash-attention mask interface
@@ -377,7 +378,7 @@ def _plain_qk_norm(attn) -> bool:
     )
 
 
-def _bridge_forward(attn, layer: int, owner: tiled_attention):
+def _bridge_forward(attn, layer: int, owner: TiledAttentionScope):
     """The bridge's rotary attention forward (TL 4.x `PositionEmbeddingsAttentionBridge`),
     the same hooks and operations up to ``hook_rot_k``, then `tiled_attention_heads`."""
     _check_bridge_attention(attn, layer)
@@ -441,11 +442,9 @@ def _bridge_forward(attn, layer: int, owner: tiled_attention):
     return forward
 
 
-def _hooked_forward(attn, layer: int, owner: tiled_attention):
+def _hooked_forward(attn, layer: int, owner: TiledAttentionScope):
     """TL 3.9 ``AbstractAttention.forward`` for causal rotary/standard attention, with
     the same hooks up to ``hook_rot_k`` and ``hook_z``, then the output projection."""
-    import torch.nn.functional as F
-
     cfg = attn.cfg
     checks = [
         (cfg.positional_embedding_type in ("alibi", "relative_positional_bias"),
@@ -486,3 +485,7 @@ def _hooked_forward(attn, layer: int, owner: tiled_attention):
         return F.linear(z, w.to(z.device), attn.b_O.to(z.device))
 
     return forward
+
+
+# Deprecated alias of the old lowercase name, removed in the next release (docs/architecture.md).
+tiled_attention = TiledAttentionScope

@@ -8,6 +8,7 @@ bring their own models and every function of the plugin takes a plain TL model.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -368,8 +369,6 @@ class ModelInfo:
 
 def model_info(model, weights: str = "") -> ModelInfo:
     """Describe a TL model (either backend)."""
-    import importlib.metadata
-
     a = adapter(model)
     return ModelInfo(
         name=str(getattr(model.cfg, "model_name", "")),

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from scipy import stats
 
 from ..errors import StepflowError
 from ..stats import bootstrap_mean_ci
@@ -118,8 +119,6 @@ def _group_matrix(group: Any, metric: str, x: str, trace_col: str, what: str) ->
 
 def _mean_band(values: np.ndarray, band: str, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean over traces and a 95% interval per layer. values: [trace, layer] (NaN = missing)."""
-    from scipy import stats
-
     mean = np.nanmean(values, axis=0)
     low, high = np.full_like(mean, np.nan), np.full_like(mean, np.nan)
     for j in range(values.shape[1]):

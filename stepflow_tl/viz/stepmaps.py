@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import circuitsvis
 import numpy as np
 import torch
 from circuitsvis.utils.render import RenderedHTML
@@ -187,8 +188,6 @@ def step_map_data(
 def circuitsvis_bundle() -> str:
     """The circuitsvis browser bundle (IIFE defining ``window.CircuitsVis``) from the installed wheel,
     made safe to inline in a ``<script>`` element."""
-    import circuitsvis
-
     path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
     if not path.is_file():
         raise StepflowError(
