@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import special, stats
 
 from .errors import StepflowError
@@ -101,7 +102,7 @@ class BootstrapCI:
         return asdict(self)
 
 
-def bootstrap_mean_ci(x, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> BootstrapCI:
+def bootstrap_mean_ci(x: ArrayLike, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> BootstrapCI:
     """Percentile bootstrap interval for ``mean(x)``: ``x`` resampled with replacement
     ``n_boot`` times with ``numpy.random.default_rng(seed)``; the interval is the
     ``(1-level)/2`` and ``(1+level)/2`` quantiles of the resampled means (``diff`` holds
@@ -130,7 +131,7 @@ def bootstrap_mean_ci(x, *, n_boot: int = 10000, seed: int = 0, level: float = 0
 
 
 def paired_bootstrap_ci(
-    a, b, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+    a: ArrayLike, b: ArrayLike, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95
 ) -> BootstrapCI:
     """Percentile bootstrap interval for the mean paired difference ``mean(b - a)``.
 
@@ -153,7 +154,7 @@ def paired_bootstrap_ci(
 # --------------------------------------------------------------------------- Wilcoxon, Spearman
 
 
-def wilcoxon_signed_rank(a, b) -> float:
+def wilcoxon_signed_rank(a: ArrayLike, b: ArrayLike) -> float:
     """Two-sided Wilcoxon signed-rank p of the paired differences ``b - a``
     (``scipy.stats.wilcoxon``, zero differences dropped as in Wilcoxon's original
     test, scipy's ``method="auto"``: exact for small n without ties). NaN when every
@@ -165,7 +166,7 @@ def wilcoxon_signed_rank(a, b) -> float:
     return float(stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
-def spearman(x, y) -> float:
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
     """Spearman's rho of ``x`` and ``y`` ``[n]``: the Pearson correlation of their
     average ranks (ties share the mean rank). NaN with fewer than 3 pairs or when
     either side is constant (no ranking to correlate)."""
@@ -198,7 +199,7 @@ class McNemarResult:
         return {**asdict(self), "n_discordant": self.n_discordant}
 
 
-def mcnemar_exact(a, b) -> McNemarResult:
+def mcnemar_exact(a: ArrayLike, b: ArrayLike) -> McNemarResult:
     """Exact McNemar test for paired binary outcomes ``a``, ``b`` (0/1 per problem).
 
     Under H0 each discordant pair is equally likely to go either way, so ``b01`` is
@@ -260,7 +261,7 @@ def _hedges_g(x: np.ndarray, y: np.ndarray) -> float:
     return float(d * j)
 
 
-def compare_groups(x, y, *, test: str = "mannwhitney") -> GroupComparison:
+def compare_groups(x: ArrayLike, y: ArrayLike, *, test: str = "mannwhitney") -> GroupComparison:
     """Compare two independent samples (e.g. a metric on correct vs incorrect traces).
 
     NaN/inf values are dropped first (a trace without a summary has no DS), and the
@@ -318,7 +319,7 @@ def compare_groups(x, y, *, test: str = "mannwhitney") -> GroupComparison:
 # --------------------------------------------------------------------------- Holm
 
 
-def holm(pvalues) -> np.ndarray:
+def holm(pvalues: ArrayLike) -> np.ndarray:
     """Holm step-down adjusted p-values, in the input order.
 
     With the m finite p-values sorted ascending, ``p_adj(k) = max_{i<=k} min(1,

@@ -13,8 +13,9 @@ import torch
 
 from ..errors import StepflowError, check_int
 from ..saliency.diagnostics import band_layers
-from ..tl.adapter import adapter
+from ..tl.adapter import TLModel, adapter
 from ..tl.hooks import temporary_hooks
+from ..traces.trace import Trace
 from .state import StepState
 
 LayerSpec = Union[str, int, Sequence[int], range]
@@ -51,7 +52,7 @@ def check_layer_spec(spec: LayerSpec, name: str = "layers") -> LayerSpec:
     return check_int(name, spec, low=0)
 
 
-def resolve_layers(spec: LayerSpec, model) -> List[int]:
+def resolve_layers(spec: LayerSpec, model: TLModel) -> List[int]:
     """Model layer indices from a spec.
 
     ``"bottom_quarter"`` and ``"top_quarter"`` are the diagnostics' ``"shallow"`` and
@@ -187,16 +188,16 @@ class Intervention:
 
     name = "intervention"
 
-    def install(self, model, state: StepState) -> InterventionRun:
+    def install(self, model: TLModel, state: StepState) -> InterventionRun:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def applied(self, model, state: StepState) -> Iterator[InterventionRun]:
+    def applied(self, model: TLModel, state: StepState) -> Iterator[InterventionRun]:
         """``with oeb.applied(model, state) as run: model(tokens)``; hooks removed on exit."""
         with apply_interventions([self], model, state) as runs:
             yield runs[0]
 
-    def applied_to_trace(self, model, trace, state: Optional[StepState] = None):
+    def applied_to_trace(self, model: TLModel, trace: Trace, state: Optional[StepState] = None):
         """`applied` for a teacher-forced forward over ``trace.token_ids`` (what
         ``step_saliency(..., interventions=[...])`` enters): ``state`` defaults to
         ``StepState.from_trace(trace)`` on the model's device."""
@@ -211,7 +212,7 @@ class Intervention:
 
 
 @contextlib.contextmanager
-def apply_interventions(interventions: Sequence[Intervention], model, state: StepState) -> Iterator[List[InterventionRun]]:
+def apply_interventions(interventions: Sequence[Intervention], model: TLModel, state: StepState) -> Iterator[List[InterventionRun]]:
     """Install several interventions at once (their hooks compose in list order)."""
     for iv in interventions:
         if not isinstance(iv, Intervention):

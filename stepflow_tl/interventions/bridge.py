@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
+from jaxtyping import Bool, Float, Int
 
 from ..errors import StepflowError, check_bool, check_int, check_real
 from ..tl.adapter import adapter, attn_hook
@@ -38,7 +39,7 @@ class OddsEqualEdit:
     tau_s: torch.Tensor
 
 
-def group_masses(scores: torch.Tensor, s_mask, b_mask, sink_mask):
+def group_masses(scores: torch.Tensor, s_mask: torch.Tensor, b_mask: torch.Tensor, sink_mask: torch.Tensor):
     """fp32 softmax and the renormalised non-sink masses of S, B and O.
 
     Returns ``(p [..., k], Z, pS, pB, pO)`` where ``Z`` is the non-sink mass and the
@@ -229,7 +230,7 @@ class OddsEqualBridge(_AttentionIntervention):
 
     name = "oeb"
 
-    def edit(self, run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos):
+    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"], s_mask: Bool[torch.Tensor, "batch 1 query key"], b_mask: Bool[torch.Tensor, "batch 1 query key"], sink: Bool[torch.Tensor, "batch 1 1 key"], usable: Bool[torch.Tensor, "batch 1 query key"], active: Bool[torch.Tensor, "batch 1 query"], q_pos: Int[torch.Tensor, "query"]):
         res = odds_equal_edit(scores, s_mask, b_mask, sink, self.tau_max, active=active)
         run.record("attn", layer, scores.shape[-1] - scores.shape[-2],
                    fired=res.fired, lambda_b=res.lambda_b, lambda_s=res.lambda_s, kl=res.kl)
@@ -242,7 +243,7 @@ class RandomBridge(_AttentionIntervention):
 
     name = "random_bridge"
 
-    def edit(self, run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos):
+    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"], s_mask: Bool[torch.Tensor, "batch 1 query key"], b_mask: Bool[torch.Tensor, "batch 1 query key"], sink: Bool[torch.Tensor, "batch 1 1 key"], usable: Bool[torch.Tensor, "batch 1 query key"], active: Bool[torch.Tensor, "batch 1 query"], q_pos: Int[torch.Tensor, "query"]):
         st = run.state
         k_len = scores.shape[-1]
         k_pos = torch.arange(k_len, device=scores.device)
@@ -266,11 +267,11 @@ class MatchedLogitNoise(_AttentionIntervention):
 
     name = "matched_noise"
 
-    def __init__(self, *args, n_steps: int = 40, **kwargs):
+    def __init__(self, *args: Any, n_steps: int = 40, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.n_steps = check_int("MatchedLogitNoise: n_steps", n_steps, low=1)
 
-    def edit(self, run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos):
+    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"], s_mask: Bool[torch.Tensor, "batch 1 query key"], b_mask: Bool[torch.Tensor, "batch 1 query key"], sink: Bool[torch.Tensor, "batch 1 1 key"], usable: Bool[torch.Tensor, "batch 1 query key"], active: Bool[torch.Tensor, "batch 1 query"], q_pos: Int[torch.Tensor, "query"]):
         st = run.state
         oeb = odds_equal_edit(scores, s_mask, b_mask, sink, self.tau_max, active=active)
         b, h, q, k = scores.shape

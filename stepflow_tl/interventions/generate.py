@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ..errors import StepflowError, check_int, check_real
-from ..tl.adapter import adapter, pad_token_ids, tokenizer_of
+from ..tl.adapter import TLModel, adapter, pad_token_ids, tokenizer_of
 from ..traces.formats import QUESTION_TYPE, conversation, decode, find_question, render_prompt, resolve_format, resolve_split
 from ..traces.trace import Trace, TraceWarning
 from ..traces.tracker import StepTracker, prompt_positions
@@ -180,7 +180,7 @@ class _RowTracker:
 
 @torch.no_grad()
 def generate(
-    model,
+    model: TLModel,
     prompts: Union[str, Sequence[dict], Sequence[Union[str, Sequence[dict]]]],
     *,
     max_new_tokens: int = 256,

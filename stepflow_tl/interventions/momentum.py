@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+from jaxtyping import Float, Int
 
 from ..errors import StepflowError, check_bool, check_int, check_real
-from ..tl.adapter import adapter, attn_hook
+from ..tl.adapter import TLModel, adapter, attn_hook
 from .base import (
     Intervention, InterventionRun, LayerSpec, PerStateCache, check_layer_spec, hash_normal, resolve_layers,
 )
@@ -61,7 +62,7 @@ class StepMomentum(Intervention):
         return (f"{type(self).__name__}(layers={self.layers!r}, alpha={self.alpha}, beta={self.beta}, "
                 f"window={self.window})")
 
-    def install(self, model, state: StepState) -> InterventionRun:
+    def install(self, model: TLModel, state: StepState) -> InterventionRun:
         a = adapter(model)
         layers = resolve_layers(self.layers, model)
         run = InterventionRun(self.name, state)
@@ -126,7 +127,7 @@ class StepMomentum(Intervention):
         step_weight = torch.where(is_first, decay, (1.0 - self.beta) * decay)
         return torch.where(earlier, step_weight / key_count[:, None, :], torch.zeros_like(step_weight))
 
-    def direction(self, run, layer: int, m_heads: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    def direction(self, run: InterventionRun, layer: int, m_heads: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """What is added to z: ``alpha * m`` ``[b, q, head, d_head]``."""
         return self.alpha * m_heads
 
@@ -161,7 +162,7 @@ class RandomMomentum(StepMomentum):
 
     name = "random_momentum"
 
-    def direction(self, run, layer, m_heads, q_pos):
+    def direction(self, run: InterventionRun, layer: int, m_heads: Float[torch.Tensor, "batch query head d_head"], q_pos: Int[torch.Tensor, "query"]):
         st = run.state
         dev = m_heads.device
         b, q, h, d = m_heads.shape

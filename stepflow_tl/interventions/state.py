@@ -9,12 +9,13 @@ fixed input, `StepState.from_trace(s)` builds it from traces.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Int
 
 from ..traces.formats import STEP_KINDS
+from ..traces.trace import Trace
 
 # Segment codes used in `StepState.segment_code` / `current_segment`: 0 is markup, then
 # the step kinds in order.
@@ -75,14 +76,14 @@ class StepState:
         return self.segment_code.device
 
     @classmethod
-    def from_trace(cls, trace, device=None, row_seed: int = 0, prefill: int = 0) -> "StepState":
+    def from_trace(cls, trace: Trace, device: Union[str, torch.device] = None, row_seed: int = 0, prefill: int = 0) -> "StepState":
         """The state of one `Trace` (batch of 1); the first ``prefill`` positions are
         prompt queries (as in `generate`), the others edited queries."""
         return cls.from_rows([_row_from_trace(trace)], device=device, row_seeds=[row_seed],
                              prefill_lengths=[int(prefill)])
 
     @classmethod
-    def from_traces(cls, traces, device=None, row_seeds: Optional[Sequence[int]] = None) -> "StepState":
+    def from_traces(cls, traces: Sequence[Trace], device: Union[str, torch.device] = None, row_seeds: Optional[Sequence[int]] = None) -> "StepState":
         """The state of a batch of traces, left-padded to the longest (match the tokens
         with `pad_token_ids`)."""
         rows = [_row_from_trace(t) for t in traces]
@@ -94,7 +95,7 @@ class StepState:
         cls,
         rows: Sequence["RowSteps"],
         *,
-        device=None,
+        device: Union[str, torch.device] = None,
         row_seeds: Sequence[int],
         prefill_lengths: Sequence[int],
     ) -> "StepState":
@@ -124,7 +125,7 @@ class StepState:
             last_starts_step=any(bool(r.new_step[-1]) for r in rows if r.new_step),
         )
 
-    def appended(self, segment_code, step_id, current_segment, new_step) -> "StepState":
+    def appended(self, segment_code: Int[torch.Tensor, "batch"], step_id: Int[torch.Tensor, "batch"], current_segment: Int[torch.Tensor, "batch"], new_step: Bool[torch.Tensor, "batch"]) -> "StepState":
         """The state with one more position: each argument is ``[batch]``."""
         cat = lambda old, new: torch.cat([old, new.to(old.device, old.dtype)[:, None]], dim=1)
         return replace(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ..errors import StepflowError
+from ..tl.adapter import TLModel
 from .base import CompositeRun, Intervention
 from .bridge import OddsEqualBridge
 from .momentum import StepMomentum
@@ -51,5 +52,5 @@ class StepFlow(Intervention):
     def parts(self) -> List[Intervention]:
         return [self.oeb, self.smi]
 
-    def install(self, model, state: StepState) -> CompositeRun:
+    def install(self, model: TLModel, state: StepState) -> CompositeRun:
         return CompositeRun(self.name, [part.install(model, state) for part in self.parts()])

@@ -32,9 +32,10 @@ from jaxtyping import Int
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from ..errors import StepflowError
-from ..tl.adapter import adapter, attn_hook, block_hook
+from ..tl.adapter import TLModel, adapter, attn_hook, block_hook
 from ..tl.attention import TiledAttentionScope, tiled_unsupported_reason
 from ..tl.hooks import PermanentHooks, checkpointed_blocks, layer_of
+from ..traces.trace import Trace
 from ..traces.pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
 from .losses import LossFn, LossInUnembedding, at_least_fp32, loss_target_positions, resolve_loss
 from .maps import StepSaliency
@@ -228,8 +229,8 @@ AUTO_TILED_ABOVE = 2048
 
 
 def step_saliency(
-    model,
-    trace,
+    model: TLModel,
+    trace: Trace,
     *,
     loss: Union[str, LossFn] = "sequence",
     pool: str = "mean",
@@ -237,7 +238,7 @@ def step_saliency(
     per_head: bool = False,
     mode: str = "dense",
     interventions: Sequence = (),
-    state=None,
+    state: Optional[object] = None,
     loss_positions: Optional[Int[torch.Tensor, "n"]] = None,
 ) -> StepSaliency:
     """Step-Saliency maps of one trace.
@@ -331,7 +332,7 @@ def step_saliency(
 
 
 @contextmanager
-def intervened(model, trace, interventions: Sequence = (), state=None) -> Iterator[None]:
+def intervened(model: TLModel, trace: Trace, interventions: Sequence = (), state: Optional[object] = None) -> Iterator[None]:
     """The context in which a forward over ``trace.token_ids`` is edited by ``interventions``
     (each enters ``iv.applied_to_trace(model, trace, state)``, in list order, so their
     hooks compose as in `generate`).
@@ -399,7 +400,7 @@ def _n_model_layers(cache, fallback: int) -> int:
 
 def step_saliency_from_cache(
     cache,
-    trace,
+    trace: Trace,
     *,
     pool: str = "mean",
     layers: Optional[Iterable[int]] = None,
@@ -443,13 +444,13 @@ def step_saliency_from_cache(
 
 def step_attention(
     model_or_cache,
-    trace,
+    trace: Trace,
     *,
     pool: str = "mass",
     layers: Optional[Iterable[int]] = None,
     per_head: bool = False,
     interventions: Sequence = (),
-    state=None,
+    state: Optional[object] = None,
 ) -> StepSaliency:
     """Gradient-free step maps: attention probabilities pooled to steps.
 

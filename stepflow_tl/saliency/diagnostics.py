@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,7 @@ import pandas as pd
 from ..errors import StepflowError
 from ..stats import compare_groups, holm
 from ..traces.formats import STEP_KINDS
+from ..viz.stepmaps import StepMapResult
 
 __all__ = ["METRICS", "METRIC_LEGEND", "HEADLINE_METRICS", "BANDS", "Diagnostics", "band_layers", "diagnose", "compare"]
 
@@ -47,6 +49,8 @@ METRICS = (
     "anomaly_ratio",
 )
 BANDS = ("shallow", "middle", "deep")
+# A band's layers: a fraction of the model's layers (from the bottom or the top) or explicit indices.
+BandSpec = Union[float, Sequence[int]]
 # One metric, one name: the per-layer column is the metric's name (``lock_in``); LI / QT / DS are
 # the symbols of the formulas (docs/method.md); a headline of a trace is a band mean of a metric,
 # named by its CSV column (a file format, so the short names stay). Reports print the long form.
@@ -102,7 +106,7 @@ def _band_list(spec, n_model_layers: int, name: str, *, top: bool) -> list[int]:
     raise StepflowError(f"{name}: expected a fraction in (0, 1) or a list of layer indices; got {spec!r}")
 
 
-def band_layers(n_model_layers: int, shallow=0.25, deep=0.25) -> dict[str, list[int]]:
+def band_layers(n_model_layers: int, shallow: BandSpec = 0.25, deep: BandSpec = 0.25) -> dict[str, list[int]]:
     """Model layers of each band: {"shallow": [...], "middle": [...], "deep": [...]}.
 
     ``shallow``/``deep`` are fractions of ``n_model_layers`` (bottom / top; the
@@ -289,10 +293,10 @@ class Diagnostics:
 
 
 def diagnose(
-    result,
+    result: StepMapResult,
     *,
-    shallow=0.25,
-    deep=0.25,
+    shallow: BandSpec = 0.25,
+    deep: BandSpec = 0.25,
     self_block: str = "full",
     recency_max: int = 4,
 ) -> Diagnostics:
@@ -484,13 +488,13 @@ def _as_diagnostics(items, name: str, diagnose_kwargs: dict) -> list[Diagnostics
 
 
 def compare(
-    group_a,
-    group_b,
+    group_a: Sequence[Union[StepMapResult, Diagnostics]],
+    group_b: Sequence[Union[StepMapResult, Diagnostics]],
     *,
     test: str = "mannwhitney",
     labels: tuple[str, str] = ("correct", "incorrect"),
     metrics: Sequence[str] = METRICS,
-    **diagnose_kwargs,
+    **diagnose_kwargs: Any,
 ) -> pd.DataFrame:
     """Compare the metrics of two groups of traces, per layer and per band.
 

@@ -11,8 +11,10 @@ from jaxtyping import Int
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import StepflowError
+from ..tl.adapter import TLModel
 from ..tl.hooks import shadow_forward
 from ..traces.formats import stated_answer_span
+from ..traces.trace import Trace
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 LOSSES = ("sequence", "summary", "answer")
@@ -23,7 +25,7 @@ def _token_positions(trace, kinds: Iterable[str]) -> torch.Tensor:
     return torch.isin(trace.token_steps, torch.tensor(wanted, dtype=torch.long)).nonzero()[:, 0]
 
 
-def answer_token_positions(trace) -> Int[torch.Tensor, "n"]:
+def answer_token_positions(trace: Trace) -> Int[torch.Tensor, "n"]:
     """Token positions of the final answer inside the summary.
 
     The answer is the content of the last ``\\boxed{...}`` in the summary, else the
@@ -59,7 +61,7 @@ def _target_ce(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.T
     return -logp.gather(-1, token_ids.to(logits.device)[positions, None]).mean()
 
 
-def loss_target_positions(loss: str, trace) -> Int[torch.Tensor, "n"]:
+def loss_target_positions(loss: str, trace: Trace) -> Int[torch.Tensor, "n"]:
     """Token positions whose prediction a built-in loss scores, ``[n]`` long."""
     if loss == "sequence":
         return torch.arange(1, trace.token_ids.shape[0])
@@ -74,7 +76,7 @@ def loss_target_positions(loss: str, trace) -> Int[torch.Tensor, "n"]:
 
 
 def resolve_loss(
-    loss: Union[str, LossFn], trace, positions: Optional[Int[torch.Tensor, "n"]] = None
+    loss: Union[str, LossFn], trace: Trace, positions: Optional[Int[torch.Tensor, "n"]] = None
 ) -> tuple:
     """``(name, fn(logits [1, pos, vocab]) -> scalar)`` for a loss spec; ``positions``: the
     built-in loss's `loss_target_positions` when the caller has them already."""
@@ -105,7 +107,7 @@ class LossInUnembedding:
     # Elements of one block's logits: 64 MB in fp32, whatever the vocabulary.
     LOGIT_ELEMENTS = 1 << 24
 
-    def __init__(self, model, token_ids: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, model: TLModel, token_ids: torch.Tensor, positions: torch.Tensor):
         positions = torch.unique(positions[positions > 0])  # sorted
         if positions.numel() == 0:
             raise StepflowError("the loss covers no predictable tokens")
@@ -163,7 +165,7 @@ class LossInUnembedding:
         self._shadow.__exit__(*exc)
         return False
 
-    def check_output(self, output) -> torch.Tensor:
+    def check_output(self, output: torch.Tensor) -> torch.Tensor:
         """The loss, once the model's ``output`` is known to be the untouched logits."""
         if self.loss is None or output is not self.stand_in:
             raise StepflowError(

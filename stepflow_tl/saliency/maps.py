@@ -8,7 +8,7 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -46,15 +46,15 @@ class StepSaliency:
     """
 
     maps: StepMaps
-    layers: list
+    layers: List[int]
     n_model_layers: int
-    step_kinds: list
-    step_labels: list
+    step_kinds: List[str]
+    step_labels: List[str]
     map_kind: str = "saliency"
     pool: str = "mean"
     loss: str = "sequence"
     head_maps: Optional[HeadStepMaps] = None
-    meta: dict = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_steps(self) -> int:
@@ -161,11 +161,11 @@ class StepSaliency:
         )
 
     # ------------------------------------------------------------ analysis & display
-    def diagnose(self, **kwargs) -> Diagnostics:
+    def diagnose(self, **kwargs: Any) -> Diagnostics:
         """The failure diagnostics of this map (`stepflow_tl.saliency.diagnostics.diagnose`)."""
         return diagnose(self, **kwargs)
 
-    def save_html(self, path: Union[str, Path], **kwargs) -> Path:
+    def save_html(self, path: Union[str, Path], **kwargs: Any) -> Path:
         """A self-contained HTML page with the step maps and diagnostics (keyword arguments go
         to `stepflow_tl.viz.report.save_result_html`; its metric legend is `METRIC_LEGEND`)."""
         kwargs.setdefault("legend", METRIC_LEGEND)

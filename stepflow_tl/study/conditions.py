@@ -8,10 +8,11 @@ placement swaps get names of their own.
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Sequence, Union
 
 from ..errors import StepflowError
 from ..interventions import (
+    Intervention,
     MatchedLogitNoise,
     OddsEqualBridge,
     RandomBridge,
@@ -19,6 +20,10 @@ from ..interventions import (
     StepFlow,
     StepMomentum,
 )
+
+# What `resolve_conditions` accepts: names of CONDITIONS ("a,b" or a list), or {name: interventions or a
+# callable returning them}, or a sequence mixing both.
+ConditionSpec = Union[str, Mapping[str, object], Sequence[Union[str, Mapping[str, object]]]]
 
 # Named conditions; each call builds fresh intervention objects.
 CONDITIONS: Dict[str, Callable[[], list]] = {
@@ -35,7 +40,7 @@ DEFAULT_CONDITIONS = ("baseline", "stepflow", "random_stepflow")
 ABLATION = tuple(CONDITIONS)
 
 
-def resolve_conditions(conditions) -> Dict[str, list]:
+def resolve_conditions(conditions: ConditionSpec) -> Dict[str, list]:
     """``{name: [interventions]}`` from names of `CONDITIONS`, a mapping of names to
     intervention lists (or to callables returning one), or a mix in a sequence."""
     if isinstance(conditions, str):
@@ -59,7 +64,7 @@ def resolve_conditions(conditions) -> Dict[str, list]:
     return out
 
 
-def describe(iv) -> str:
+def describe(iv: Intervention) -> str:
     """A stable description of an intervention (reprs with memory addresses are not)."""
     text = repr(iv)
     if " at 0x" in text:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from ..errors import StepflowError, check_int
 from ..tl.models import load_model
@@ -74,7 +74,7 @@ def honesty_note(model_name: str, n_problems: int) -> str:
     return HONESTY.format(model_note=note, n=n_problems)
 
 
-def run_demo(out, *, quick: bool = False, model_name: Optional[str] = None, progress: bool = True):
+def run_demo(out: Union[str, Path], *, quick: bool = False, model_name: Optional[str] = None, progress: bool = True):
     """Run the demo study; returns ``(StudyResult, report path, seconds)``."""
     cfg = QUICK if quick else FULL
     out = Path(out)

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -148,7 +148,7 @@ class StudyResult:
                 (correct if bool(flags.loc[key]) else incorrect).append(result)
         return correct, incorrect
 
-    def compare_saliency(self, condition: Optional[str] = None, **kwargs) -> pd.DataFrame:
+    def compare_saliency(self, condition: Optional[str] = None, **kwargs: Any) -> pd.DataFrame:
         """`stepflow_tl.saliency.diagnostics.compare` of correct vs incorrect traces, per condition
         with at least two maps in each group (column ``condition`` added)."""
         frames = []
@@ -175,7 +175,7 @@ class StudyResult:
             lines.append(line)
         return "\n".join(lines)
 
-    def to_csv(self, directory) -> Dict[str, Path]:
+    def to_csv(self, directory: Union[str, Path]) -> Dict[str, Path]:
         """Write items.csv, summary.csv, by_difficulty.csv (and saliency_compare.csv when
         there are maps to compare) into ``directory``; returns the paths by name."""
         directory = Path(directory)
@@ -252,6 +252,6 @@ class StudyResult:
                                 "output"]], caption="First items of each condition")
         return report
 
-    def save_html(self, path, **kwargs) -> Path:
+    def save_html(self, path: Union[str, Path], **kwargs: Any) -> Path:
         """Write the self-contained HTML report (see `report`)."""
         return self.report(**kwargs).save(path)

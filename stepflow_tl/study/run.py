@@ -21,7 +21,7 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -31,9 +31,9 @@ from ..interventions.generate import generate, row_seed, seed_for_rows
 from ..saliency.compute import step_saliency
 from ..saliency.losses import LOSSES
 from ..saliency.maps import StepSaliency
-from ..tl.adapter import adapter, tokenizer_of
+from ..tl.adapter import TLModel, adapter, tokenizer_of
 from ..traces.formats import SPLIT_CHOICES, render_prompt, resolve_format, resolve_split
-from .conditions import ABLATION, DEFAULT_CONDITIONS, describe, resolve_conditions
+from .conditions import ABLATION, ConditionSpec, DEFAULT_CONDITIONS, describe, resolve_conditions
 from .grading import grade
 from .problems import Problem, prompt_for
 from .result import StudyResult
@@ -74,7 +74,7 @@ def _software() -> Dict[str, str]:
     return out
 
 
-def study_config(model, problems, conditions: Dict[str, list], **settings) -> dict:
+def study_config(model: TLModel, problems: Sequence[Problem], conditions: Dict[str, list], **settings: Any) -> dict:
     """The JSON-safe description of a study that decides whether a results file can be
     resumed (batch size, device and process count are not part of it). It names the
     model's dtype and the versions of torch, transformers and TransformerLens, so items
@@ -142,10 +142,10 @@ def distributed_state():
 
 
 def evaluate(
-    model,
+    model: TLModel,
     problems: Sequence[Problem],
     *,
-    conditions=DEFAULT_CONDITIONS,
+    conditions: ConditionSpec = DEFAULT_CONDITIONS,
     samples: int = 1,
     seed: int = 0,
     max_new_tokens: int = 256,
@@ -153,7 +153,7 @@ def evaluate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 8,
-    results_path=None,
+    results_path: Optional[Union[str, Path]] = None,
     progress: bool = True,
     saliency: Union[bool, int] = False,
     saliency_loss: str = "sequence",
@@ -368,7 +368,7 @@ def _result(records: List[dict], config: dict, conditions: List[str], reference:
                        saliency=maps, results_path=path)
 
 
-def load_study(results_path, *, reference: str = "baseline") -> StudyResult:
+def load_study(results_path: Union[str, Path], *, reference: str = "baseline") -> StudyResult:
     """A `StudyResult` from a results file (finished or not), without a model."""
     path = Path(results_path)
     if not path.is_file():
@@ -381,7 +381,7 @@ def load_study(results_path, *, reference: str = "baseline") -> StudyResult:
     return _result(records, header, names, reference, path)
 
 
-def ablate(model, problems: Sequence[Problem], **kwargs) -> StudyResult:
+def ablate(model: TLModel, problems: Sequence[Problem], **kwargs: Any) -> StudyResult:
     """`evaluate` on the full grid `ABLATION`: baseline, StepFlow, OEB only, SMI only,
     the matched controls and the placement swaps."""
     kwargs.setdefault("conditions", ABLATION)

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -46,10 +46,11 @@ from ..saliency.compute import step_attention, step_saliency
 from ..saliency.diagnostics import BANDS, METRICS, band_layers, compare, diagnose
 from ..saliency.maps import StepSaliency
 from ..stats import bootstrap_mean_ci, holm, spearman, wilcoxon_signed_rank
-from ..tl.adapter import adapter
+from ..tl.adapter import TLModel, adapter
 from ..tl.hooks import temporary_hooks
 from ..traces.hookpoints import attach_trace, step_pattern_name
 from ..traces.records import json_lines
+from ..traces.trace import Trace
 from ..viz import Report
 from .conditions import CONDITIONS, describe, resolve_conditions
 from .results import _merged_records, _truncate_partial_line, check_config, replace_with_merged, shard_path, shards
@@ -114,7 +115,7 @@ def _forward(model, tokens, fwd_hooks=()):
         return adapter(model).forward(tokens)
 
 
-def knockout_matrix(model, trace, *, key_steps: Optional[Sequence[int]] = None,
+def knockout_matrix(model: TLModel, trace: Trace, *, key_steps: Optional[Sequence[int]] = None,
                     layers: Optional[Sequence[int]] = None) -> StepKnockout:
     """Step-knockout effect matrix of one trace (one forward per key step).
 
@@ -241,8 +242,8 @@ def _maps_path(directory: Path, index: int, condition: str) -> Path:
     return directory / "maps" / f"trace{index:04d}.{condition}.npz"
 
 
-def validate_trace(model, trace, index: int, config: ValidationConfig, maps_dir: Optional[Path] = None,
-                   progress=None) -> dict:
+def validate_trace(model: TLModel, trace: Trace, index: int, config: ValidationConfig, maps_dir: Optional[Path] = None,
+                   progress: Optional[tqdm] = None) -> dict:
     """Every measurement of one trace as a JSON-safe record (see the module docstring)."""
     t0 = time.perf_counter()
     a = adapter(model)
@@ -334,7 +335,7 @@ class _Store:
         os.close(self._fd)
 
 
-def read_validation(path, *, tolerate_partial: bool = False):
+def read_validation(path: Union[str, Path], *, tolerate_partial: bool = False):
     """``(config header or None, [trace records])`` of a validation results file."""
     path = Path(path)
     data = path.read_bytes()
@@ -363,7 +364,7 @@ def _traces_sha(traces) -> str:
     return h.hexdigest()[:16]
 
 
-def run_config(model, traces, config: ValidationConfig, **settings) -> dict:
+def run_config(model: TLModel, traces: Sequence[Trace], config: ValidationConfig, **settings: Any) -> dict:
     a = adapter(model)
     return {
         "model": str(getattr(model.cfg, "model_name", type(model).__name__)),
@@ -385,8 +386,8 @@ def _mergeshards(path: Path, config: dict) -> None:
                         "trace", _merged(path, config), allow_nan=False)
 
 
-def validate(model, traces, out, *, config: Optional[ValidationConfig] = None, progress: bool = True,
-             **settings) -> "ValidationResult":
+def validate(model: TLModel, traces: Sequence[Trace], out: Union[str, Path], *, config: Optional[ValidationConfig] = None, progress: bool = True,
+             **settings: Any) -> "ValidationResult":
     """Run the validation study on ``traces`` into directory ``out`` (resumable).
 
     ``out/results.jsonl`` gets one line per trace (a rerun skips the traces already
@@ -564,7 +565,7 @@ class ValidationResult:
     directory: Path
     notes: List[str] = field(default_factory=list)
 
-    def to_csv(self, directory=None) -> Dict[str, Path]:
+    def to_csv(self, directory: Optional[Union[str, Path]] = None) -> Dict[str, Path]:
         """repair.csv, specificity.csv, agreement.csv and (with labels) groups.csv."""
         directory = Path(directory or self.directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -589,7 +590,7 @@ class ValidationResult:
                          f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] over {row.n_traces} traces")
         return "\n".join(lines)
 
-    def save_html(self, path=None, *, title: Optional[str] = None) -> Path:
+    def save_html(self, path: Optional[Union[str, Path]] = None, *, title: Optional[str] = None) -> Path:
         """A self-contained report: before/after step maps side by side and the tables."""
         path = Path(path or self.directory / "report.html")
         report = Report(title or "StepFlow validation")
@@ -647,7 +648,7 @@ _REPORT_INTRO = (
     "docs/validation.md.")
 
 
-def load_validation(directory, *, n_boot: int = 10000) -> ValidationResult:
+def load_validation(directory: Union[str, Path], *, n_boot: int = 10000) -> ValidationResult:
     """The tables of the validation run in ``directory`` (finished or not), without a model."""
     directory = Path(directory)
     path = directory / "results.jsonl"

@@ -15,12 +15,37 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence, Tuple
+from typing import Any, Mapping, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 from jaxtyping import Int
 
 from ..errors import StepflowError, UnsupportedModelError, check_int
+
+
+@runtime_checkable
+class TLModel(Protocol):
+    """What stepflow_tl asks of a model: a TransformerLens ``TransformerBridge`` (TL 4) or
+    ``HookedTransformer`` (TL 3.9). Only `ModelAdapter` reads more than this, and it is the one
+    place that knows which of the two it holds (``adapter(model).kind``)."""
+
+    cfg: Any
+    hook_dict: Mapping[str, Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """A Hugging Face tokenizer, as far as stepflow_tl uses one (call, encode, decode)."""
+
+    def encode(self, text: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    def decode(self, ids: Any, *args: Any, **kwargs: Any) -> str: ...
+
+
+# Functions that only need a tokenizer accept the model too and take its ``.tokenizer``.
+ModelOrTokenizer = Union[TLModel, Tokenizer]
 
 
 def attn_hook(layer: int, name: str) -> str:
@@ -49,7 +74,7 @@ class DecodeState:
 class ModelAdapter:
     """Uniform access to a TransformerLens model of either backend."""
 
-    def __init__(self, model):
+    def __init__(self, model: TLModel):
         self.model = model
         cfg = model.cfg
         self.kind = "hooked" if _is_hooked_transformer(model) else "bridge"
@@ -87,7 +112,7 @@ class ModelAdapter:
             return self.model(tokens, use_cache=False)
         return self.model(tokens)
 
-    def check_layers(self, layers) -> list:
+    def check_layers(self, layers: Sequence[int]) -> list:
         """Validate a list of layer indices against the model."""
         layers = [check_int("layer", l) for l in layers]
         bad = [l for l in layers if not 0 <= l < self.n_layers]
@@ -257,7 +282,7 @@ def _is_hooked_transformer(model) -> bool:
     return isinstance(model, HookedTransformer)
 
 
-def adapter(model) -> ModelAdapter:
+def adapter(model: TLModel) -> ModelAdapter:
     """The `ModelAdapter` of a TL model. Cheap: it reads the config only."""
     if not hasattr(model, "cfg") or not hasattr(model, "hook_dict"):
         raise UnsupportedModelError(
@@ -267,7 +292,7 @@ def adapter(model) -> ModelAdapter:
     return ModelAdapter(model)
 
 
-def tokenizer_of(model_or_tokenizer) -> Any:
+def tokenizer_of(model_or_tokenizer: ModelOrTokenizer) -> Any:
     """The tokenizer of a TL model, or the argument itself if it is a tokenizer."""
     tokenizer = getattr(model_or_tokenizer, "tokenizer", None)
     if tokenizer is not None:

@@ -30,10 +30,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
+from torch.autograd.function import FunctionCtx
 
 from ..errors import StepflowError
-from .adapter import adapter
+from .adapter import TLModel, adapter
 
 TileFn = Callable[[slice, slice, torch.Tensor], None]
 
@@ -67,7 +68,7 @@ class TileSpec:
         hi = min(n_keys, q1) if self.causal else n_keys
         return lo, hi
 
-    def tile_mask(self, q0, q1, k0, k1, device) -> Optional[torch.Tensor]:
+    def tile_mask(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Optional[torch.Tensor]:
         """``[q, k]`` bool of allowed pairs, or None when the whole tile is allowed."""
         inside_causal = not self.causal or k1 - 1 <= q0
         inside_window = self.window is None or k0 > q1 - 1 - self.window
@@ -107,7 +108,16 @@ class TiledAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_valid, sinks, spec, on_tile):
+    def forward(
+        ctx: FunctionCtx,
+        q: Float[torch.Tensor, "batch_kv group pos d_head"],
+        k: Float[torch.Tensor, "batch_kv pos d_head"],
+        v: Float[torch.Tensor, "batch_kv pos d_head"],
+        key_valid: Optional[Bool[torch.Tensor, "batch_kv pos"]],
+        sinks: Optional[Float[torch.Tensor, "batch_kv group"]],
+        spec: TileSpec,
+        on_tile: Optional[TileFn],
+    ) -> Float[torch.Tensor, "batch_kv group pos d_head"]:
         cd = _compute_dtype(q)
         n, g, T, d = q.shape
         n_k = k.shape[1]
@@ -150,7 +160,7 @@ class TiledAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx: FunctionCtx, dout: Float[torch.Tensor, "batch_kv group pos d_head"]) -> tuple:
         q, k, v, out, lse, *rest = ctx.saved_tensors
         key_valid = rest.pop(0) if ctx.has_valid else None
         sinks = rest.pop(0) if ctx.has_sinks else None
@@ -250,7 +260,7 @@ class TiledAttentionScope:
     # trace has 8k tiles per pass per layer, few enough for a Python loop.
     BLOCK = 256
 
-    def __init__(self, model, on_tile: Callable[[int], Optional[TileFn]]):
+    def __init__(self, model: TLModel, on_tile: Callable[[int], Optional[TileFn]]):
         self.model = model
         self.kind = adapter(model).kind
         self.on_tile = on_tile
@@ -277,7 +287,7 @@ class TiledAttentionScope:
         return False
 
 
-def tiled_unsupported_reason(model) -> Optional[str]:
+def tiled_unsupported_reason(model: TLModel) -> Optional[str]:
     """Why `TiledAttentionScope` would refuse ``model``, or None if it runs it."""
     try:
         with TiledAttentionScope(model, lambda layer: None):

@@ -21,14 +21,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformer_lens.hook_points import HookPoint
 
 from ..errors import UnsupportedModelError
-from .adapter import adapter
+from .adapter import TLModel, adapter
 
 
 def layer_of(hook: HookPoint) -> int:
@@ -36,7 +36,7 @@ def layer_of(hook: HookPoint) -> int:
     return hook.layer()
 
 
-def add_permanent_hook(hook_point, fn, dir: str = "fwd"):
+def add_permanent_hook(hook_point: HookPoint, fn: Callable[..., Any], dir: str = "fwd"):
     """Add ``fn`` to a HookPoint as a permanent hook and return its handle.
 
     Permanent, so a user's ``reset_hooks()`` or ``run_with_hooks`` cannot strip the
@@ -47,7 +47,7 @@ def add_permanent_hook(hook_point, fn, dir: str = "fwd"):
     return (hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks)[-1]
 
 
-def remove_hook(hook_point, handle, dir: str = "fwd") -> None:
+def remove_hook(hook_point: HookPoint, handle: Any, dir: str = "fwd") -> None:
     """Remove one hook added by `add_permanent_hook`, leaving all others alone."""
     handle.hook.remove()
     handles = hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks
@@ -59,7 +59,7 @@ class PermanentHooks:
     """Context manager: install ``[(hook_name, fn), ...]`` as permanent forward hooks,
     and remove exactly those on exit, whatever the exit path."""
 
-    def __init__(self, model, fwd_hooks):
+    def __init__(self, model: TLModel, fwd_hooks: Sequence[Tuple[str, Callable[..., Any]]]):
         self.model = model
         self.fwd_hooks = list(fwd_hooks)
         self._installed: list = []
@@ -84,14 +84,14 @@ class PermanentHooks:
         return False
 
 
-def temporary_hooks(model, fwd_hooks) -> contextlib.AbstractContextManager:
+def temporary_hooks(model: TLModel, fwd_hooks: Sequence[Tuple[str, Callable[..., Any]]]) -> contextlib.AbstractContextManager:
     """``with temporary_hooks(model, [(name, fn), ...]):`` TL's ``model.hooks``, which
     removes exactly the hooks it added on exit."""
     return model.hooks(fwd_hooks=list(fwd_hooks))
 
 
 @contextlib.contextmanager
-def shadow_forward(module, forward: Callable) -> Iterator[None]:
+def shadow_forward(module: torch.nn.Module, forward: Callable) -> Iterator[None]:
     """Make ``module(...)`` call ``forward`` for the duration of the block.
 
     The replacement goes into the instance ``__dict__`` and is deleted on exit, so the
@@ -106,7 +106,7 @@ def shadow_forward(module, forward: Callable) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(model, first: int) -> Iterator[None]:
+def checkpointed_blocks(model: TLModel, first: int) -> Iterator[None]:
     """Run blocks ``first..`` under non-reentrant activation checkpointing, by shadowing
     each block's ``forward`` (`shadow_forward`) for the duration.
 
@@ -159,7 +159,7 @@ def release_free_heap() -> None:
         trim(0)
 
 
-def add_hook_point(model, parent, attr: str, name: str) -> HookPoint:
+def add_hook_point(model: TLModel, parent: torch.nn.Module, attr: str, name: str) -> HookPoint:
     """A new ``HookPoint`` at ``parent.attr`` that the model knows as ``name``.
 
     Call `refresh_hook_dict` once after adding (or removing) a batch of them.
@@ -173,7 +173,7 @@ def add_hook_point(model, parent, attr: str, name: str) -> HookPoint:
     return point
 
 
-def remove_hook_point(model, parent, attr: str, name: str, point: HookPoint) -> None:
+def remove_hook_point(model: TLModel, parent: torch.nn.Module, attr: str, name: str, point: HookPoint) -> None:
     """Undo `add_hook_point` (and drop every hook on the point)."""
     point.remove_hooks("both", including_permanent=True)
     if getattr(parent, attr, None) is point:
@@ -183,7 +183,7 @@ def remove_hook_point(model, parent, attr: str, name: str, point: HookPoint) -> 
         del registry[name]
 
 
-def refresh_hook_dict(model) -> None:
+def refresh_hook_dict(model: TLModel) -> None:
     """Make ``model.hook_dict`` list the hook points that exist now."""
     if adapter(model).kind == "hooked":  # HookedTransformer rebuilds hook_dict from modules
         model.setup()

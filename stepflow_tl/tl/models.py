@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from ..errors import ModelLoadError
-from .adapter import adapter
+from .adapter import TLModel, adapter
 
 # Precisions by name, as the command line and the examples spell them.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -367,7 +367,7 @@ class ModelInfo:
         return "\n".join(f"{k:<{width}}  {getattr(self, k)}" for k in self.__dataclass_fields__)
 
 
-def model_info(model, weights: str = "") -> ModelInfo:
+def model_info(model: TLModel, weights: str = "") -> ModelInfo:
     """Describe a TL model (either backend)."""
     a = adapter(model)
     return ModelInfo(

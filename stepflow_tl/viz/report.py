@@ -207,7 +207,7 @@ class Report:
             self.add_figure(fig, f"Step map, layer {layer} ({kind}; view '{view}', as in the interactive view)")
         return self
 
-    def add_step_maps_row(self, items: Sequence[tuple[Any, str]], **kwargs) -> "Report":
+    def add_step_maps_row(self, items: Sequence[tuple[Any, str]], **kwargs: Any) -> "Report":
         """Several step-map views side by side (e.g. before and after an intervention):
         ``items`` are ``(result, title)`` pairs; ``kwargs`` go to `add_step_maps`. Each
         view keeps its own colour scale, which its note states."""

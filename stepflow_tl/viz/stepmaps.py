@@ -16,12 +16,14 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import circuitsvis
 import numpy as np
 import torch
 from circuitsvis.utils.render import RenderedHTML
+from jaxtyping import Float
+from torch import Tensor
 
 from ..errors import StepflowError
 from ..traces.formats import STEP_KINDS
@@ -45,6 +47,36 @@ POOL_TEXT = {
 # ----------------------------------------------------------------------------- step map data
 
 
+@runtime_checkable
+class StepMapResult(Protocol):
+    """What the drawing layer reads from a step-map result. `stepflow_tl.saliency.StepSaliency`
+    is one; ``viz`` sits below ``saliency`` and names the shape, never the class."""
+
+    @property
+    def maps(self) -> Float[Union[Tensor, np.ndarray], "layer step_q step_k"]: ...
+
+    @property
+    def layers(self) -> Sequence[int]: ...
+
+    @property
+    def step_kinds(self) -> Optional[Sequence[str]]: ...
+
+    @property
+    def step_labels(self) -> Optional[Sequence[str]]: ...
+
+    @property
+    def map_kind(self) -> str: ...
+
+    @property
+    def pool(self) -> str: ...
+
+    @property
+    def loss(self) -> str: ...
+
+    @property
+    def meta(self) -> Mapping[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class StepMapData:
     """Validated step maps ready to draw.
@@ -52,9 +84,15 @@ class StepMapData:
     maps: float64 ndarray [layer, step_q, step_k]; layers: model layer index of each row;
     labels: one unique display label per step; kinds: step kind per step (or None);
     map_kind / pool / loss: provenance strings ("" when unknown); meta: JSON-safe dict.
+
+    Not a copy of ``StepSaliency``: drawing functions take any `StepMapResult` (or bare arrays)
+    and read it through the protocol once, here. What this adds is what drawing needs and
+    a result does not have: the maps as a finite float64 array (checked once, not per view)
+    and the *display* labels, cut to 28 characters and made unique, because circuitsvis keys
+    its axis categories by label text. Bare arrays become one of these too.
     """
 
-    maps: np.ndarray
+    maps: Float[np.ndarray, "layer step_q step_k"]
     layers: list[int]
     labels: list[str]
     kinds: list[str] | None
@@ -135,18 +173,23 @@ def step_map_data(
     ``.meta``), or an array/tensor [layer, step_q, step_k] or [step_q, step_k]. Explicit
     keyword arguments override the result's attributes.
     """
-    if isinstance(result_or_maps, StepMapData) and labels is None and layers is None and kinds is None:
-        return result_or_maps
-    if hasattr(result_or_maps, "maps"):
+    if isinstance(result_or_maps, StepMapData):
+        if labels is None and layers is None and kinds is None:
+            return result_or_maps
+        r = result_or_maps
+        raw, labels = r.maps, labels if labels is not None else r.labels
+        kinds = kinds if kinds is not None else r.kinds
+        layers = layers if layers is not None else r.layers
+        map_kind, pool, loss = map_kind or r.map_kind, pool or r.pool, loss or r.loss
+        meta = meta if meta is not None else r.meta
+    elif isinstance(result_or_maps, StepMapResult):
         r = result_or_maps
         raw = r.maps
-        labels = labels if labels is not None else getattr(r, "step_labels", getattr(r, "labels", None))
-        kinds = kinds if kinds is not None else getattr(r, "step_kinds", getattr(r, "kinds", None))
-        layers = layers if layers is not None else getattr(r, "layers", None)
-        map_kind = map_kind or str(getattr(r, "map_kind", "") or "")
-        pool = pool or str(getattr(r, "pool", "") or "")
-        loss = loss or str(getattr(r, "loss", "") or "")
-        meta = meta if meta is not None else (getattr(r, "meta", None) or {})
+        labels = labels if labels is not None else r.step_labels
+        kinds = kinds if kinds is not None else r.step_kinds
+        layers = layers if layers is not None else r.layers
+        map_kind, pool, loss = map_kind or r.map_kind or "", pool or r.pool or "", loss or r.loss or ""
+        meta = meta if meta is not None else (r.meta or {})
     else:
         raw = result_or_maps
     maps = _to_numpy(raw, "step maps")
