@@ -234,3 +234,101 @@ def test_generation_benchmark_runs_on_a_given_model():
     assert 1 <= int(row.group(1)) <= 4 and 1 <= int(row.group(2)) <= 4
     assert float(row.group(3)) > 0 and float(row.group(4)) > 0
 
+
+
+# ---------------------------------------------------------------------- fused attention (issue 24)
+FUSED_PROMPTS = ["What is 2+3?", "Compute the sum of the first ten prime numbers and explain each step.",
+                 "Name a colour."]
+
+
+def _explicit_everywhere(model):
+    """A do-nothing hook on every layer's pattern: every layer then runs the explicit path."""
+    n = adapter(model).n_layers
+    return model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", lambda x, hook: None) for layer in range(n)])
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused kernel's calls (the explicit paths never call it)."""
+    import stepflow_tl.tl.attention as attention
+
+    calls = []
+    kernel = attention._fused_heads
+    monkeypatch.setattr(attention, "_fused_heads", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    return calls
+
+
+def _stepflow_all_layers():
+    from stepflow_tl.interventions.bridge import OddsEqualBridge
+    from stepflow_tl.interventions.momentum import StepMomentum
+    from stepflow_tl.interventions.stepflow import StepFlow
+
+    return [StepFlow(oeb=OddsEqualBridge(layers=[0]), smi=StepMomentum(layers="all", alpha=0.5))]
+
+
+@pytest.mark.parametrize("with_stepflow", [False, True], ids=["plain", "stepflow"])
+def test_fused_generation_gives_the_explicit_paths_tokens(tiny_model, fused_calls, with_stepflow):
+    from stepflow_tl.interventions.generate import generate
+
+    ivs = _stepflow_all_layers if with_stepflow else list
+    fused = generate(tiny_model, FUSED_PROMPTS, max_new_tokens=12, interventions=ivs())
+    n_fused = len(fused_calls)
+    with _explicit_everywhere(tiny_model):
+        explicit = generate(tiny_model, FUSED_PROMPTS, max_new_tokens=12, interventions=ivs())
+    assert len(fused_calls) == n_fused  # the hooks really forced the explicit path
+    # 1 prefill + 11 decoding forwards; OEB's layer 0 keeps the explicit path (its
+    # install check runs layer 0 once with a hook on hook_z only: one fused call)
+    layers = adapter(tiny_model).n_layers - (1 if with_stepflow else 0)
+    assert n_fused == 12 * layers + (1 if with_stepflow else 0)
+    for f, e in zip(fused, explicit):
+        assert f.output_ids == e.output_ids
+        strip = lambda evs: [(x.intervention, x.layer, x.position, x.n_heads) for x in evs]
+        assert strip(f.events) == strip(e.events)
+
+
+def test_fused_layers_give_the_explicit_logits_and_fire_their_hooks(tiny_model, fused_calls):
+    """Prefill and decoding of a left-padded batch, layer by layer: fused and explicit
+    attention agree to rounding, and hook_rot_q / hook_z fire and edit on fused layers."""
+    from stepflow_tl.tl.attention import fused_attention
+    from stepflow_tl.tl.adapter import pad_token_ids
+
+    a = adapter(tiny_model)
+    tok = tiny_model.tokenizer
+    tokens, mask = pad_token_ids([tok(p, add_special_tokens=False)["input_ids"] for p in FUSED_PROMPTS])
+    seen = []
+
+    def halve_z(z, hook):
+        seen.append(hook.name)
+        return z * 0.5
+
+    def run():
+        with torch.no_grad(), tiny_model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", halve_z)]):
+            logits, state = a.prefill(tokens, mask)
+            step, _ = a.decode(state, logits[:, -1:].argmax(-1))
+        return logits, step
+
+    with fused_attention(tiny_model):
+        fused = run()
+    assert fused_calls and len(seen) == 2  # prefill and one decoding step
+    with _explicit_everywhere(tiny_model):
+        explicit = run()
+    real = mask.bool()
+    torch.testing.assert_close(fused[0][real], explicit[0][real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], explicit[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_pattern_hook_added_inside_the_fused_block_fires(tiny_model, fused_calls):
+    """The choice is per call: hooks added with run_with_hooks while fused attention is
+    on make their layer explicit for that call only, and they fire."""
+    from stepflow_tl.tl.attention import fused_attention
+
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    fired = []
+    with fused_attention(tiny_model), torch.no_grad():
+        tiny_model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_attn_scores",
+                                                      lambda x, hook: fired.append(x.shape))])
+        n_layers = adapter(tiny_model).n_layers
+        assert fired == [(1, 4, 5, 5)] and len(fused_calls) == n_layers - 1
+        adapter(tiny_model).forward(tokens)
+        assert len(fused_calls) == 2 * n_layers - 1
+    assert all("forward" not in vars(block.attn) for block in tiny_model.blocks)

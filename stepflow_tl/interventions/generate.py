@@ -18,6 +18,7 @@ import torch
 
 from ..errors import StepflowError, check_int, check_real
 from ..tl.adapter import TLModel, adapter, pad_token_ids, tokenizer_of
+from ..tl.attention import fused_attention
 from ..traces.formats import QUESTION_TYPE, conversation, decode, find_question, render_prompt, resolve_format, resolve_split
 from ..traces.trace import Trace, TraceWarning
 from ..traces.tracker import StepTracker, prompt_positions
@@ -283,7 +284,8 @@ def generate(
     cut: List[Optional[int]] = [None] * len(ids)
     longest_stop = max((len(x) for x in stop), default=0)
 
-    with apply_interventions(interventions, model, state) as runs:
+    # Layers whose pattern no hook reads run the fused kernel (decided per call).
+    with fused_attention(model), apply_interventions(interventions, model, state) as runs:
         t0 = time.perf_counter()
         logits, dstate = a.prefill(tokens, mask)
         last = logits[:, -1].float()

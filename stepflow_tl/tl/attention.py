@@ -347,7 +347,9 @@ def _key_valid(attention_mask, layer: int) -> Optional[torch.Tensor]:
     return attention_mask.bool()
 
 
-def _check_bridge_attention(attn, layer: int) -> None:
+def _bridge_refusal(attn) -> Optional[str]:
+    """What of ``attn`` (a bridge attention) the reimplemented forward cannot reproduce
+    exactly, or None."""
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         PositionEmbeddingsAttentionBridge,
     )
@@ -355,8 +357,8 @@ def _check_bridge_attention(attn, layer: int) -> None:
     if not isinstance(attn, PositionEmbeddingsAttentionBridge) or (
         type(attn).forward is not PositionEmbeddingsAttentionBridge.forward
     ) or type(attn)._pre_output_projection is not PositionEmbeddingsAttentionBridge._pre_output_projection:
-        raise _unsupported(layer, f"{type(attn).__name__} (only rotary attention of "
-                                  "PositionEmbeddingsAttentionBridge: Llama, Qwen2, Mistral, ...)")
+        return (f"{type(attn).__name__} (only rotary attention of "
+                "PositionEmbeddingsAttentionBridge: Llama, Qwen2, Mistral, ...)")
     hf = attn.original_component
     cfg = attn.config
     checks = [
@@ -375,9 +377,13 @@ def _check_bridge_attention(attn, layer: int) -> None:
         (attn.training and getattr(hf, "attention_dropout", 0.0) > 0, "attention dropout in training mode"),
         (not attn.is_causal or getattr(attn, "is_cross_attention", False), "non-causal or cross attention"),
     ]
-    for bad, what in checks:
-        if bad:
-            raise _unsupported(layer, what)
+    return next((what for bad, what in checks if bad), None)
+
+
+def _check_bridge_attention(attn, layer: int) -> None:
+    what = _bridge_refusal(attn)
+    if what is not None:
+        raise _unsupported(layer, what)
 
 
 def _plain_qk_norm(attn) -> bool:
@@ -388,18 +394,67 @@ def _plain_qk_norm(attn) -> bool:
     )
 
 
-def _bridge_forward(attn, layer: int, owner: TiledAttentionScope):
-    """The bridge's rotary attention forward (TL 4.x `PositionEmbeddingsAttentionBridge`),
-    the same hooks and operations up to ``hook_rot_k``, then `tiled_attention_heads`."""
-    _check_bridge_attention(attn, layer)
+def _bridge_rotated_qkv(attn, layer: int, hidden, position_embeddings):
+    """The bridge's rotary attention (TL 4.x `PositionEmbeddingsAttentionBridge.forward`)
+    from ``hook_in`` to ``hook_rot_k``, with the same hooks and operations: rotated
+    ``q [batch, head, pos, d_head]``, ``k``, ``v [batch, kv_head, pos, d_head]``, and the
+    input shape ``(batch, pos)``."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+    head_dim = attn.original_component.head_dim
+    hidden = attn.hook_in(hidden)
+    input_shape = hidden.shape[:-1]
+    shape = (*input_shape, -1, head_dim)
+    q = attn.q(hidden).view(shape).transpose(1, 2)
+    k = attn.k(hidden).view(shape).transpose(1, 2)
+    v = attn.v(hidden).view(shape).transpose(1, 2)
+    if "q_norm" in attn.submodules:
+        q = attn.hook_q_normed(attn.q_norm(q))
+    if "k_norm" in attn.submodules:
+        k = attn.hook_k_normed(attn.k_norm(k))
+    if position_embeddings is None:
+        if getattr(attn.config, "positional_embedding_type", None) == "rotary":
+            raise _unsupported(layer, "rotary attention without position embeddings")
+    else:
+        from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+
+        cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
+        rotary_dim = cos.shape[-1]
+        if rotary_dim * 2 == head_dim and get_rotary_pct_from_config(attn.config) == 1.0:
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        elif rotary_dim < head_dim:
+            q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+            q = torch.cat([q_rot, q[..., rotary_dim:]], dim=-1)
+            k = torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
+        else:
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if hasattr(attn, "hook_rot_q"):
+        q = attn.hook_rot_q(q)
+    if hasattr(attn, "hook_rot_k"):
+        k = attn.hook_rot_k(k)
+    return q, k, v, input_shape
+
+
+def _bridge_output(attn, z, input_shape):
+    """``z [batch, head, pos, d_head]`` through the bridge's output projection (``hook_z``
+    is ``o.hook_in``) and ``hook_out``, as the bridge's forward returns it."""
+    z = z.transpose(1, 2).reshape(*input_shape, -1)
+    o_weight = getattr(attn.o.original_component, "weight", None)
+    if isinstance(o_weight, torch.Tensor) and o_weight.dtype.is_floating_point and z.dtype != o_weight.dtype:
+        z = z.to(o_weight.dtype)
+    return attn.hook_out(attn.o(z)), None
+
+
+def _bridge_forward(attn, layer: int, owner: TiledAttentionScope):
+    """The bridge's rotary attention forward with `tiled_attention_heads` for the
+    softmax attention."""
+    _check_bridge_attention(attn, layer)
     hf = attn.original_component
-    head_dim = hf.head_dim
     # Qwen2/GPT-OSS store the window of sliding layers on the module (None on full
     # layers); Mistral passes its config's window to every layer.
     window = hf.sliding_window if hasattr(hf, "sliding_window") else getattr(hf.config, "sliding_window", None)
-    spec = TileSpec(getattr(hf, "scaling", head_dim ** -0.5), causal=True, window=window, block=owner.block)
+    spec = TileSpec(getattr(hf, "scaling", hf.head_dim ** -0.5), causal=True, window=window, block=owner.block)
 
     def forward(*args, **kwargs):
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
@@ -408,53 +463,19 @@ def _bridge_forward(attn, layer: int, owner: TiledAttentionScope):
         # transformers 5.24 renamed the layer's past_key_values to cache
         if any(kwargs.get(name) is not None for name in ("past_key_values", "past_key_value", "cache")):
             raise _unsupported(layer, "a KV cache")
-        hidden = attn.hook_in(hidden)
-        input_shape = hidden.shape[:-1]
-        shape = (*input_shape, -1, head_dim)
-        q = attn.q(hidden).view(shape).transpose(1, 2)
-        k = attn.k(hidden).view(shape).transpose(1, 2)
-        v = attn.v(hidden).view(shape).transpose(1, 2)
-        if "q_norm" in attn.submodules:
-            q = attn.hook_q_normed(attn.q_norm(q))
-        if "k_norm" in attn.submodules:
-            k = attn.hook_k_normed(attn.k_norm(k))
-        if position_embeddings is None:
-            if getattr(attn.config, "positional_embedding_type", None) == "rotary":
-                raise _unsupported(layer, "rotary attention without position embeddings")
-        else:
-            from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
-
-            cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
-            rotary_dim = cos.shape[-1]
-            if rotary_dim * 2 == head_dim and get_rotary_pct_from_config(attn.config) == 1.0:
-                cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
-                q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            elif rotary_dim < head_dim:
-                q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
-                q = torch.cat([q_rot, q[..., rotary_dim:]], dim=-1)
-                k = torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
-            else:
-                q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if hasattr(attn, "hook_rot_q"):
-            q = attn.hook_rot_q(q)
-        if hasattr(attn, "hook_rot_k"):
-            k = attn.hook_rot_k(k)
+        q, k, v, input_shape = _bridge_rotated_qkv(attn, layer, hidden, position_embeddings)
         z = tiled_attention_heads(
             q, k, v, spec, key_valid=_key_valid(attention_mask, layer),
             sinks=getattr(hf, "sinks", None), on_tile=owner.on_tile(layer),
         )
-        z = z.transpose(1, 2).reshape(*input_shape, -1)
-        o_weight = getattr(attn.o.original_component, "weight", None)
-        if isinstance(o_weight, torch.Tensor) and o_weight.dtype.is_floating_point and z.dtype != o_weight.dtype:
-            z = z.to(o_weight.dtype)
-        return attn.hook_out(attn.o(z)), None
+        return _bridge_output(attn, z, input_shape)
 
     return forward
 
 
-def _hooked_forward(attn, layer: int, owner: TiledAttentionScope):
-    """TL 3.9 ``AbstractAttention.forward`` for causal rotary/standard attention, with
-    the same hooks up to ``hook_rot_k`` and ``hook_z``, then the output projection."""
+def _hooked_refusal(attn) -> Optional[str]:
+    """What of ``attn`` (a TL 3.9 attention) the reimplemented forward cannot reproduce
+    exactly, or None."""
     cfg = attn.cfg
     checks = [
         (cfg.positional_embedding_type in ("alibi", "relative_positional_bias"),
@@ -468,9 +489,25 @@ def _hooked_forward(attn, layer: int, owner: TiledAttentionScope):
         ((attn._attention_dir_override or cfg.attention_dir) != "causal", "non-causal attention"),
         (bool(getattr(cfg, "ungroup_grouped_query_attention", False)), "ungrouped grouped-query attention"),
     ]
-    for bad, what in checks:
-        if bad:
-            raise _unsupported(layer, what)
+    return next((what for bad, what in checks if bad), None)
+
+
+def _hooked_output(attn, z):
+    """``z [batch, pos, head, d_head]`` (after ``hook_z``) through TL 3.9's output projection."""
+    import torch.nn.functional as F
+
+    w = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
+    z = z.to(w.dtype).reshape(z.shape[0], z.shape[1], -1)
+    return F.linear(z, w.to(z.device), attn.b_O.to(z.device))
+
+
+def _hooked_forward(attn, layer: int, owner: TiledAttentionScope):
+    """TL 3.9 ``AbstractAttention.forward`` for causal rotary/standard attention, with
+    the same hooks up to ``hook_rot_k`` and ``hook_z``, then the output projection."""
+    what = _hooked_refusal(attn)
+    if what is not None:
+        raise _unsupported(layer, what)
+    cfg = attn.cfg
     window = cfg.window_size if attn.attn_type == "local" else None
     spec = TileSpec(1.0 / attn.attn_scale, causal=True, window=window, block=owner.block)
 
@@ -489,10 +526,134 @@ def _hooked_forward(attn, layer: int, owner: TiledAttentionScope):
             key_valid=_key_valid(attention_mask, layer),
             sinks=attn.sinks if getattr(cfg, "use_attention_sinks", False) else None, on_tile=owner.on_tile(layer),
         )
-        z = attn.hook_z(z.transpose(1, 2))
-        w = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.contiguous()  # [d_model, head*d_head]
-        z = z.to(w.dtype).reshape(z.shape[0], z.shape[1], -1)
-        return F.linear(z, w.to(z.device), attn.b_O.to(z.device))
+        return _hooked_output(attn, attn.hook_z(z.transpose(1, 2)))
+
+    return forward
+
+
+# ---------------------------------------------------------------------- fused attention
+class fused_attention:
+    """Run attention with torch's fused ``scaled_dot_product_attention`` in every layer
+    whose scores and pattern nothing reads, for a ``with`` block.
+
+    The choice is made at every call of every layer, from the hooks present at that
+    moment: a layer with any hook on ``hook_attn_scores`` or ``hook_pattern`` (an
+    intervention such as OEB, the step hook points of `attach_trace`, saliency's
+    pattern hooks, a user's ``run_with_hooks`` / ``run_with_cache``) runs the backend's
+    own explicit attention, so every such hook fires as before. Fused layers fire every
+    other hook (``hook_q`` .. ``hook_rot_k``, ``hook_z``, ``hook_out``) where the
+    backend fires it, and their edits flow through.
+
+    The fused kernel computes the same softmax attention in another order of floating
+    point operations (outputs agree to rounding, ~1e-7 relative in fp32). Layers whose
+    attention it cannot reproduce exactly (the `TiledAttentionScope` refusals, attention
+    sinks, a mask other than the backend's usual one) keep the explicit path; a layer
+    whose ``forward`` is already replaced (e.g. by `TiledAttentionScope`) is left alone.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.kind = adapter(model).kind
+        self._stack = ExitStack()
+
+    def __enter__(self):
+        try:
+            for layer, block in enumerate(self.model.blocks):
+                attn = block.attn
+                if "forward" in vars(attn):
+                    continue
+                if self.kind == "bridge":
+                    reason = _bridge_refusal(attn) or (
+                        "attention sinks" if getattr(attn.original_component, "sinks", None) is not None else None)
+                    make = _bridge_fused_forward
+                else:
+                    reason = _hooked_refusal(attn) or (
+                        "attention sinks" if getattr(attn.cfg, "use_attention_sinks", False) else None)
+                    make = _hooked_fused_forward
+                if reason is None:
+                    vars(attn)["forward"] = make(attn, layer)
+                    self._stack.callback(vars(attn).pop, "forward", None)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+
+def pattern_is_read(attn) -> bool:
+    """Whether any hook sits on ``attn``'s scores or pattern (the explicit path's tensors)."""
+    for name in ("hook_attn_scores", "hook_pattern"):
+        point = getattr(attn, name, None)
+        if point is not None and (point.fwd_hooks or point.bwd_hooks):
+            return True
+    return False
+
+
+def _fused_heads(q, k, v, mask, scale):
+    """``softmax(scale q k^T + mask) v`` by torch's fused kernel, ``q [batch, head, q, d]``,
+    ``k``, ``v [batch, kv_head, k, d]``; ``mask`` is boolean (True: attend) or additive.
+    A query row with no visible key gives 0, as the explicit paths' NaN scrub does."""
+    z = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return torch.nan_to_num(z, nan=0.0)
+
+
+def _bridge_fused_forward(attn, layer: int):
+    """The bridge's attention forward with the fused kernel, when nothing reads its pattern.
+
+    The bridge receives transformers' eager mask: ``[batch, 1, q, k]`` additive, causal
+    (and sliding-window) rules included, which the fused kernel takes as it is; any other
+    mask runs the explicit path."""
+    explicit = type(attn).forward
+    hf = attn.original_component
+    scale = getattr(hf, "scaling", hf.head_dim ** -0.5)
+
+    def forward(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if pattern_is_read(attn) or mask is None or mask.ndim != 4:
+            return explicit(attn, *args, **kwargs)
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        position_embeddings = kwargs.pop("position_embeddings", None)
+        kwargs.pop("attention_mask")
+        q, k, v, input_shape = _bridge_rotated_qkv(attn, layer, hidden, position_embeddings)
+        k, v = attn._update_kv_cache(k, v, **kwargs)
+        mask = mask[..., : k.shape[-2]]
+        if mask.shape[-2] != q.shape[-2]:
+            mask = mask[..., -q.shape[-2]:, :]
+        z = _fused_heads(q, k, v, mask.to(q.dtype) if mask.is_floating_point() else mask, scale)
+        return _bridge_output(attn, z, input_shape)
+
+    return forward
+
+
+def _hooked_fused_forward(attn, layer: int):
+    """TL 3.9 ``AbstractAttention.forward`` with the fused kernel, when nothing reads its
+    pattern: the same KV-cache append, rotary offsets and causal/padding mask."""
+    explicit = type(attn).forward
+    cfg = attn.cfg
+
+    def forward(query_input, key_input, value_input, past_kv_cache_entry=None,
+                additive_attention_mask=None, attention_mask=None, position_bias=None):
+        if pattern_is_read(attn) or additive_attention_mask is not None or position_bias is not None:
+            return explicit(attn, query_input, key_input, value_input, past_kv_cache_entry,
+                            additive_attention_mask, attention_mask, position_bias)
+        q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+        offset = 0
+        if past_kv_cache_entry is not None:
+            offset = past_kv_cache_entry.past_keys.size(1)
+            k, v = past_kv_cache_entry.append(k, v)
+        if cfg.positional_embedding_type == "rotary":
+            q = attn.hook_rot_q(attn.apply_rotary(q, offset, attention_mask))
+            k = attn.hook_rot_k(attn.apply_rotary(k, 0, attention_mask))
+        mask = attn._make_causal_mask(q.shape[1], k.shape[1], offset, q.device)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :].to(q.device)
+        z = _fused_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype), mask,
+                         1.0 / attn.attn_scale)
+        return _hooked_output(attn, attn.hook_z(z.transpose(1, 2)))
 
     return forward
 
