@@ -265,3 +265,54 @@ def test_smollm2_stepflow_changes_output_and_logs_it(smollm2, smol_plain):
     assert (smi.groupby("position").layer.nunique() == 8).all()
     first = int(torch.tensor([a != b for a, b in zip(sf.output_ids, smol_plain.output_ids)]).int().argmax())
     assert first < len(sf.output_ids)
+
+
+# ---------------------------------------------------------------------- batches that shrink and refill
+MANY = PROMPTS + ["Why is the sky blue? Explain.", "Count to five."]
+
+
+def _summary(gens):
+    return [(g.output_ids, g.stop_reason, g.seed, [(e.intervention, e.layer, e.position, e.step, e.n_heads)
+                                                   for e in g.events]) for g in gens]
+
+
+@pytest.mark.parametrize("interventions", [(), (StepFlow(oeb=OddsEqualBridge(layers="all"),
+                                                          smi=StepMomentum(layers="all", alpha=0.5)),)],
+                         ids=["plain", "stepflow"])
+def test_rows_that_leave_and_join_give_the_static_batch_results(tiny_model, interventions):
+    """Finished rows leave, waiting prompts join: every row's tokens and events are those
+    of today's static batch, for any batch size (rows end at different lengths here)."""
+    kw = dict(max_new_tokens=12, stop=["a"], do_sample=True, temperature=1.5, seed=3, interventions=interventions)
+    static = generate(tiny_model, MANY, static_batch=True, **kw)
+    assert len({len(g.output_ids) for g in static}) >= 3
+    for batch_size in (None, 1, 2, 3):
+        moving = generate(tiny_model, MANY, batch_size=batch_size, **kw)
+        assert _summary(moving) == _summary(static), batch_size
+        assert [g.text for g in moving] == [g.text for g in static]
+    if interventions:
+        assert any(g.events for g in static)
+    assert_no_hooks(tiny_model)
+
+
+def test_finished_rows_are_not_computed(tiny_model, monkeypatch):
+    """Decoding row-steps: a shrinking batch runs each row exactly until its last token;
+    a static batch runs every row until the batch's longest one ends."""
+    from stepflow_tl.tl.adapter import ModelAdapter
+
+    rows = []
+    decode = ModelAdapter.decode
+    monkeypatch.setattr(ModelAdapter, "decode", lambda self, state, nxt: rows.append(nxt.shape[0]) or decode(self, state, nxt))
+    kw = dict(max_new_tokens=12, stop=["a"], do_sample=True, temperature=1.5, seed=3)
+    moving = generate(tiny_model, MANY, batch_size=2, **kw)
+    moving_rows, rows[:] = sum(rows), []
+    static = generate(tiny_model, MANY, batch_size=2, static_batch=True, **kw)
+    lengths = [len(g.output_ids) for g in moving]
+    assert moving_rows == sum(n - 1 for n in lengths)
+    chunks = [lengths[i:i + 2] for i in range(0, len(lengths), 2)]
+    assert sum(rows) == sum(len(c) * (max(c) - 1) for c in chunks) > moving_rows
+    assert [g.output_ids for g in static] == [g.output_ids for g in moving]
+
+
+def test_batch_size_is_checked(tiny_model):
+    with pytest.raises(StepflowError, match="batch_size"):
+        generate(tiny_model, PROMPTS, batch_size=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -130,6 +130,46 @@ class InterventionRun:
         self.state = state
         self.hooks: List[Tuple[str, Callable]] = []
         self._records: List[Tuple[str, int, int, Dict[str, torch.Tensor]]] = []
+        self._row_buffers: List[dict] = []
+
+    def row_buffer(self) -> dict:
+        """A dict for a hook's per-row history across forwards: ``{"v": [batch, cap, ...],
+        "n": filled positions}`` with position ``p`` of the batch's columns in ``v[:, p]``.
+        `generate` keeps it aligned with the batch when rows leave or join (`keep_rows`,
+        `park` / `join`)."""
+        buffer: dict = {}
+        self._row_buffers.append(buffer)
+        return buffer
+
+    def keep_rows(self, rows: Sequence[int], drop_columns: int) -> None:
+        """Only batch rows ``rows`` remain, and the first ``drop_columns`` positions go."""
+        for buffer in self._row_buffers:
+            if not rows:
+                buffer.clear()
+            elif "v" in buffer:
+                index = torch.as_tensor(list(rows), dtype=torch.long, device=buffer["v"].device)
+                buffer["v"] = buffer["v"].index_select(0, index)[:, drop_columns:buffer["n"]]
+                buffer["n"] -= drop_columns
+
+    def park(self) -> List[dict]:
+        """Set the histories aside (a new group of rows is prefilled alone); `join` merges them back."""
+        parked = [dict(buffer) for buffer in self._row_buffers]
+        for buffer in self._row_buffers:
+            buffer.clear()
+        return parked
+
+    def join(self, parked: List[dict]) -> None:
+        """The parked rows, then the rows prefilled since `park`, left-padded to one width."""
+        for old, buffer in zip(parked, self._row_buffers):
+            if "v" not in old:
+                continue
+            width = max(old["n"], buffer["n"])
+            parts = []
+            for part in (old, buffer):
+                v = part["v"][:, :part["n"]]
+                pad = v.new_zeros((v.shape[0], width - part["n"]) + tuple(v.shape[2:]))
+                parts.append(torch.cat([pad, v], dim=1))
+            buffer["v"], buffer["n"] = torch.cat(parts, dim=0), width
 
     def record(self, kind: str, layer: int, q_start: int, **tensors: torch.Tensor) -> None:
         """Keep ``[batch, head, q]`` tensors of one hook call (detached, on device)."""
@@ -175,6 +215,14 @@ class InterventionRun:
                     kw.update(injected_norm=mean(vals["norm"]))
                 out.append(InterventionEvent(**kw))
         return out
+
+    def take_events(self, rows: Sequence[int]) -> List[InterventionEvent]:
+        """`events` with batch row ``b`` reported as ``rows[b]``, then forgets them: called
+        by `generate` before rows leave or join the batch (the records' row index and the
+        state's padding are those of the batch as it was)."""
+        events = [replace(e, row=rows[e.row]) for e in self.events()]
+        self._records.clear()
+        return events
 
     def per_query(self, key: str) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
         """Raw records: ``(layer, fired [batch, head, q], values [batch, head, q])``."""
@@ -247,6 +295,20 @@ class CompositeRun(InterventionRun):
 
     def events(self) -> List[InterventionEvent]:
         return [e for run in self.parts for e in run.events()]
+
+    def take_events(self, rows: Sequence[int]) -> List[InterventionEvent]:
+        return [e for run in self.parts for e in run.take_events(rows)]
+
+    def keep_rows(self, rows: Sequence[int], drop_columns: int) -> None:
+        for run in self.parts:
+            run.keep_rows(rows, drop_columns)
+
+    def park(self) -> List[dict]:
+        return [run.park() for run in self.parts]
+
+    def join(self, parked: List[dict]) -> None:
+        for run, part in zip(self.parts, parked):
+            run.join(part)
 
     def per_query(self, key: str) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
         return [r for run in self.parts for r in run.per_query(key)]

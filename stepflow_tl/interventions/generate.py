@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Union
 
@@ -44,7 +45,9 @@ class Generation:
             ``prompt_ids + output_ids``).
         stop_reason: ``"eos"``, ``"stop"`` (a stop string) or ``"length"``.
         seed: the row's seed (from the call's seed and the prompt index).
-        prefill_s, decode_s: wall time of the batch's prefill and decoding loop.
+        prefill_s: wall time of the prefill the row's prompt ran in (with the prompts
+            that joined the batch with it).
+        decode_s: wall time from the end of that prefill to the row's last token.
         tokens_per_s: this row's output tokens / decode_s.
         format, split: how the trace was segmented (``"auto"`` resolved).
     """
@@ -196,6 +199,8 @@ def generate(
     system: Optional[str] = None,
     split: str = "auto",
     questions: Optional[Sequence[str]] = None,
+    batch_size: Optional[int] = None,
+    static_batch: bool = False,
 ) -> List[Generation]:
     """Generate from a batch of prompts with KV caching, optionally with interventions.
 
@@ -224,6 +229,15 @@ def generate(
         questions: with ``chat=False``, the question text inside each prompt (the
             question segment, OEB's bridge while thinking); by default the last user
             message found through the chat template, else the whole prompt.
+        batch_size: rows decoded at once (default: every prompt). A row that finishes
+            leaves the batch at once (its KV-cache rows and step state are dropped) and
+            the next waiting prompt joins (prefilled, then left-padded into the batch),
+            so the batch stays full and no finished row is computed. Every row's tokens
+            depend only on its prompt and its seed ``row_seed(seed, index)``, whatever
+            batch it shares.
+        static_batch: keep finished rows running until every row of the batch has
+            finished, then start the next ``batch_size`` prompts (the behaviour before
+            batches shrank; for comparison, and for KV caches rows cannot leave).
 
     Returns:
         One `Generation` per prompt, in order.
@@ -254,54 +268,86 @@ def generate(
     if any(len(x) == 0 for x in ids):
         raise StepflowError("an empty prompt cannot be generated from")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    tokens, mask = pad_token_ids(ids, pad_id)
-    tokens, mask = tokens.to(device), mask.to(device)
     seeds = [row_seed(seed, i) for i in range(len(ids))]
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-
+    longest_stop = max((len(x) for x in stop), default=0)
     interventions = list(interventions)
-    trackers, state = None, None
-    if interventions:
-        trackers = [_RowTracker(tok, fmt, split, t, q) for t, q in zip(texts, qtexts)]
-        for tr, x in zip(trackers, ids):
-            if tr.prompt_ids != x:
-                raise StepflowError("the tracker tokenised the prompt differently from generate")
-        def state_from_trackers() -> StepState:
-            return StepState.from_rows([tr.row for tr in trackers], device=device, row_seeds=seeds,
-                                       prefill_lengths=[len(x) for x in ids])
+    width = len(ids) if batch_size is None else check_int("batch_size", batch_size, low=1)
+    reshape = not static_batch
 
-        state = state_from_trackers()
-        state.phase = "prefill"
-    generators = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(s)
-        generators.append(g)
-
+    active: List[int] = []  # the prompt index of each batch row
+    waiting = deque(range(len(ids)))
+    trackers, generators = {}, {}
     outputs: List[List[int]] = [[] for _ in ids]
     done = [False] * len(ids)
     reasons = ["length"] * len(ids)
     cut: List[Optional[int]] = [None] * len(ids)
-    longest_stop = max((len(x) for x in stop), default=0)
+    prefill_s, started, finished = [0.0] * len(ids), [0.0] * len(ids), [0.0] * len(ids)
+    events: List[InterventionEvent] = []
 
-    # Layers whose pattern no hook reads run the fused kernel (decided per call).
-    with fused_attention(model), apply_interventions(interventions, model, state) as runs:
+    def state_of(rows) -> StepState:
+        return StepState.from_rows([trackers[i].row for i in rows], device=device,
+                                   row_seeds=[seeds[i] for i in rows],
+                                   prefill_lengths=[len(ids[i]) for i in rows])
+
+    def next_group() -> List[int]:
+        """The waiting prompts that fill the batch, with their trackers and generators."""
+        group = [waiting.popleft() for _ in range(min(len(waiting), width - len(active)))]
+        for i in group:
+            generators[i] = torch.Generator(device=device)
+            generators[i].manual_seed(seeds[i])
+            if interventions:
+                trackers[i] = _RowTracker(tok, fmt, split, texts[i], qtexts[i])
+                if trackers[i].prompt_ids != ids[i]:
+                    raise StepflowError("the tracker tokenised the prompt differently from generate")
+        return group
+
+    def prefill_state(group) -> Optional[StepState]:
+        if not interventions:
+            return None
+        state = state_of(group)
+        state.phase = "prefill"
+        return state
+
+    def admit(runs, group, dstate, last):
+        """Prefill ``group`` as a left-padded batch of its own and join it to the running batch."""
+        parked = []
+        for run in runs:
+            events.extend(run.take_events(active))
+            parked.append(run.park())
+            run.state = prefill_state(group)
+        tokens, mask = pad_token_ids([ids[i] for i in group], pad_id)
         t0 = time.perf_counter()
-        logits, dstate = a.prefill(tokens, mask)
-        last = logits[:, -1].float()
+        logits, group_state = a.prefill(tokens.to(device), mask.to(device))
+        group_last = logits[:, -1].float()
         _sync(device)
         t1 = time.perf_counter()
-        for n_new in range(1, max_new_tokens + 1):
+        for i in group:
+            prefill_s[i], started[i] = t1 - t0, t1
+        for run, held in zip(runs, parked):
+            events.extend(run.take_events(group))
+            run.join(held)
+        active.extend(group)
+        if dstate is None:
+            return group_state, group_last
+        return a.join(dstate, group_state), torch.cat([last, group_last])
+
+    first = next_group()
+    # Layers whose pattern no hook reads run the fused kernel (decided per call).
+    with fused_attention(model), apply_interventions(interventions, model, prefill_state(first)) as runs:
+        dstate, last = admit(runs, first, None, None)
+        while True:
             if do_sample:
-                nxt = torch.stack([_sample(last[i], temperature, top_p, generators[i]) for i in range(len(ids))])
+                nxt = torch.stack([_sample(last[b], temperature, top_p, generators[i])
+                                   for b, i in enumerate(active)])
             else:
                 nxt = last.argmax(dim=-1)
             nxt_list = nxt.tolist()
-            for i, t in enumerate(nxt_list):
+            for b, i in enumerate(active):
                 if done[i]:
                     continue
-                outputs[i].append(t)
-                if t in eos:
+                outputs[i].append(nxt_list[b])
+                if nxt_list[b] in eos:
                     done[i], reasons[i] = True, "eos"
                 elif stop:
                     # Only the end of the text can complete a stop string.
@@ -310,32 +356,65 @@ def generate(
                         text = decode(tok, outputs[i])
                         done[i], reasons[i] = True, "stop"
                         cut[i] = min(text.find(x) for x in stop if x in text)
-            if all(done) or n_new == max_new_tokens:
-                break
-            if trackers is not None:
-                # Finished rows keep running (their tokens are ignored) so the batch stays rectangular.
-                rebuilt = [tr.push(t) for tr, t in zip(trackers, nxt_list)]
-                if any(rebuilt):
-                    state = state_from_trackers()
+                done[i] = done[i] or len(outputs[i]) == max_new_tokens
+                if done[i]:
+                    _sync(device)
+                    finished[i] = time.perf_counter()
+            # A finished row leaves at once; with static_batch, rows leave together
+            # when the last one finishes (the others keep running, their tokens ignored).
+            all_done = all(done[i] for i in active)
+            leaving = all_done or (reshape and any(done[i] for i in active))
+            changed = False
+            if leaving:
+                keep = [b for b, i in enumerate(active) if not done[i]]
+                for run in runs:
+                    events.extend(run.take_events(active))
+                for i in active:
+                    if done[i]:
+                        trackers.pop(i, None)
+                        generators.pop(i, None)
+                active[:] = [active[b] for b in keep]
+                nxt_list = [nxt_list[b] for b in keep]
+                width_before = dstate.attention_mask.shape[1]
+                if keep:
+                    dstate = a.keep_rows(dstate, keep)
+                    nxt, last = nxt[keep], last[keep]
+                for run in runs:
+                    run.keep_rows(keep, width_before - dstate.attention_mask.shape[1])
+                changed = True
+            if not active:
+                if not waiting:
+                    break
+                dstate, last = admit(runs, next_group(), None, None)
+                continue
+            if interventions:
+                rebuilt = [trackers[i].push(t) for i, t in zip(active, nxt_list)]
+                # (a prefill state is that of the rows just prefilled, maybe not the whole batch)
+                if changed or any(rebuilt) or runs[0].state.phase == "prefill":
+                    state = state_of(active)
                 else:
-                    code, sid, cur, new = zip(*[tr.column() for tr in trackers])
-                    state = state.appended(torch.tensor(code), torch.tensor(sid), torch.tensor(cur), torch.tensor(new))
+                    code, sid, cur, new = zip(*[trackers[i].column() for i in active])
+                    state = runs[0].state.appended(torch.tensor(code), torch.tensor(sid), torch.tensor(cur),
+                                                   torch.tensor(new))
                 for run in runs:
                     run.state = state
             logits, dstate = a.decode(dstate, nxt[:, None])
             last = logits[:, -1].float()
-        _sync(device)
-        t2 = time.perf_counter()
-        events = [e for run in runs for e in run.events()]
+            if reshape and waiting and len(active) < width:
+                dstate, last = admit(runs, next_group(), dstate, last)
+        for run in runs:
+            events.extend(run.take_events(active))
 
     results = []
     names = [repr(iv) for iv in interventions]
-    decode_s = t2 - t1
     for i, out in enumerate(outputs):
         text = decode(tok, out[:-1] if reasons[i] == "eos" else out)
         if cut[i] is not None:
             text = text[: cut[i]]
-        end = len(ids[i]) + len(out)
+        # The last output token is never run for the row (nothing reads what follows it),
+        # so events there exist only where a static batch ran it on; they are dropped.
+        stop_at = len(ids[i]) + len(out) - 1
+        decode_s = finished[i] - started[i]
         with warnings.catch_warnings():
             # An output cut by the budget has no summary; Trace says so in `complete`.
             warnings.simplefilter("ignore", TraceWarning)
@@ -343,8 +422,8 @@ def generate(
                                    allow_no_thinking=True)
         results.append(Generation(
             prompt=texts[i], text=text, trace=trace, prompt_ids=list(ids[i]), output_ids=out,
-            events=[e for e in events if e.row == i and e.position < end],
-            stop_reason=reasons[i], seed=seeds[i], prefill_s=t1 - t0, decode_s=decode_s,
+            events=[e for e in events if e.row == i and e.position < stop_at],
+            stop_reason=reasons[i], seed=seeds[i], prefill_s=prefill_s[i], decode_s=decode_s,
             tokens_per_s=len(out) / decode_s if decode_s > 0 else float("nan"),
             format=fmt, split=split, interventions=names,
         ))

@@ -70,7 +70,7 @@ class StepMomentum(Intervention):
         head_to_kv = torch.arange(a.n_heads, device=state.device) // group
         weights = PerStateCache()  # built once per forward, shared by the layers
         for layer in layers:
-            values: Dict[str, torch.Tensor] = {}
+            values = run.row_buffer()
             run.hooks.append((attn_hook(layer, "v"), self._v_hook(run, values)))
             run.hooks.append((attn_hook(layer, "z"), self._z_hook(run, layer, values, head_to_kv, weights)))
         return run

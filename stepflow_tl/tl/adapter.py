@@ -174,6 +174,67 @@ class ModelAdapter:
         self._check_cache(new_state)
         return logits, new_state
 
+    def keep_rows(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
+        """The decoding state of batch rows ``rows`` only (in that order): the others'
+        KV-cache rows are dropped, then the leading columns that are padding in every
+        kept row. Positions come from the attention mask on both backends (TL 3.9's
+        ``get_offset_position_ids``; the bridge derives ``position_ids`` from a
+        left-padded mask), so dropping padding columns moves no row's positions."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=state.attention_mask.device)
+        mask = state.attention_mask.index_select(0, index)
+        real = mask.any(0).nonzero()
+        start = int(real[0]) if real.numel() else 0
+        tensors, dim = self._kv_tensors(state.cache)
+        for owner, name in tensors:
+            x = getattr(owner, name)
+            x = x.index_select(0, index.to(x.device))
+            setattr(owner, name, x.narrow(dim, start, x.shape[dim] - start))
+        mask = mask[:, start:]
+        if self.kind == "hooked":
+            state.cache.previous_attention_mask = mask.to(state.cache.previous_attention_mask.device)
+        new_state = DecodeState(state.cache, mask)
+        self._check_cache(new_state)
+        return new_state
+
+    def join(self, first: DecodeState, second: DecodeState) -> DecodeState:
+        """One decoding state holding ``first``'s rows, then ``second``'s, the narrower
+        one left-padded (mask 0) to the wider one's width; ``first``'s cache is reused."""
+        width = max(first.attention_mask.shape[1], second.attention_mask.shape[1])
+
+        def left_pad(x, dim):
+            n = width - x.shape[dim]
+            if n == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = n
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        (into, dim), (other, _) = self._kv_tensors(first.cache), self._kv_tensors(second.cache)
+        for (owner, name), (source, _) in zip(into, other):
+            setattr(owner, name, torch.cat([left_pad(getattr(owner, name), dim),
+                                            left_pad(getattr(source, name), dim)], dim=0))
+        mask = torch.cat([left_pad(first.attention_mask, 1), left_pad(second.attention_mask, 1)], dim=0)
+        if self.kind == "hooked":
+            first.cache.previous_attention_mask = mask.to(first.cache.previous_attention_mask.device)
+        state = DecodeState(first.cache, mask)
+        self._check_cache(state)
+        return state
+
+    def _kv_tensors(self, cache):
+        """``([(owner, attribute name), ...], position dim)`` of every key and value tensor of
+        the KV cache, for `keep_rows` and `join`."""
+        if self.kind == "hooked":  # TransformerLensKeyValueCacheEntry: [batch, pos, kv_head, d_head]
+            return [(e, name) for e in cache.entries for name in ("past_keys", "past_values")], 1
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+            raise StepflowError(
+                f"rows cannot leave or join a batch with this {type(cache).__name__} (only transformers' "
+                "DynamicCache of full-attention layers is supported); pass static_batch=True"
+            )
+        return [(layer, name) for layer in layers for name in ("keys", "values")], 2  # [batch, kv_head, pos, d]
+
     def _cache_kwargs(self, cache) -> dict:
         """How to hand ``cache`` to the wrapped transformers model: under the keyword its
         ``forward`` declares (``cache`` from transformers 5.24 on, ``past_key_values``
