@@ -187,7 +187,7 @@ def generate(
     model: TLModel,
     prompts: Union[str, Sequence[dict], Sequence[Union[str, Sequence[dict]]]],
     *,
-    max_new_tokens: int = 256,
+    max_new_tokens: Union[int, Sequence[int]] = 256,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -212,7 +212,7 @@ def generate(
             question), rendered through the chat template with the generation prompt;
             a conversation gives the same generation as its question string with the
             same ``system``. With ``chat=False``, pre-rendered prompt texts.
-        max_new_tokens: token budget per row.
+        max_new_tokens: token budget per row, or one per prompt.
         do_sample, temperature, top_p: greedy (default) or nucleus sampling; each row
             has its own ``torch.Generator`` seeded with ``row_seed(seed, index)``.
         interventions: `Intervention` objects (e.g. ``[StepFlow()]``), composed in order.
@@ -245,7 +245,6 @@ def generate(
     prompts = _prompt_list(prompts)
     if not prompts:
         raise StepflowError("no prompts given")
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
     seed = check_int("seed", seed)
     temperature = check_real("temperature", temperature, low=0.0, low_open=True)
     top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
@@ -268,6 +267,12 @@ def generate(
     if any(len(x) == 0 for x in ids):
         raise StepflowError("an empty prompt cannot be generated from")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if isinstance(max_new_tokens, (list, tuple)):
+        if len(max_new_tokens) != len(ids):
+            raise StepflowError(f"got {len(max_new_tokens)} max_new_tokens for {len(ids)} prompts")
+        budgets = [check_int(f"max_new_tokens[{i}]", n, low=1) for i, n in enumerate(max_new_tokens)]
+    else:
+        budgets = [check_int("max_new_tokens", max_new_tokens, low=1)] * len(ids)
     seeds = [row_seed(seed, i) for i in range(len(ids))]
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     longest_stop = max((len(x) for x in stop), default=0)
@@ -356,7 +361,7 @@ def generate(
                         text = decode(tok, outputs[i])
                         done[i], reasons[i] = True, "stop"
                         cut[i] = min(text.find(x) for x in stop if x in text)
-                done[i] = done[i] or len(outputs[i]) == max_new_tokens
+                done[i] = done[i] or len(outputs[i]) == budgets[i]
                 if done[i]:
                     _sync(device)
                     finished[i] = time.perf_counter()
