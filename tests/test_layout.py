@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stepflow_tl"
 # Bottom to top; a layer may import the layers before it. errors and stats are the base.
-LAYERS = ("base", "tl", "traces", "viz", "saliency", "interventions", "study", "cli")
+LAYERS = ("base", "tl", "traces", "viz", "saliency", "interventions", "engines", "study", "cli")
 BASE_MODULES = {"errors", "stats"}
 FACADE = {"stepflow_tl", "stepflow_tl.__main__"}
 
@@ -160,6 +160,23 @@ def test_only_tl_knows_the_backends():
             if (isinstance(node, ast.Attribute) and node.attr == "kind" and isinstance(node.value, ast.Call)
                     and getattr(node.value.func, "id", None) == "adapter"):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} asks adapter(...).kind")
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_engine_module_imports_vllm():
+    """vLLM's internals have one home, ``engines/vllm.py`` (which checks its version)."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "engines" / "vllm.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                targets = []
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {t}" for t in targets if t.split(".")[0] == "vllm"]
     assert not bad, "\n".join(bad)
 
 

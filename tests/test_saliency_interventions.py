@@ -17,7 +17,7 @@ from stepflow_tl.interventions import (
     StepState,
     generate,
 )
-from stepflow_tl.interventions.generate import _RowTracker
+from stepflow_tl.interventions.state import RowTracker
 from stepflow_tl.saliency import step_attention, step_saliency
 from stepflow_tl.tl.adapter import ModelAdapter
 from stepflow_tl.traces.trace import Step, Trace, tokenizer_fingerprint
@@ -89,7 +89,7 @@ def exact_trace(model, gen, split):
     """The trace of exactly the tokens generation ran (``Generation.trace`` re-tokenises
     the text, which a random model's output does not survive), labelled by the same
     online tracker that gave generation its step structure."""
-    tracker = _RowTracker(model.tokenizer, gen.format, split, gen.prompt, "What is 3 + 4?")
+    tracker = RowTracker(model.tokenizer, gen.format, split, gen.prompt, "What is 3 + 4?")
     ran = gen.output_ids[:-1]  # the last token was sampled, never run
     for t in ran:
         tracker.push(t)

@@ -65,14 +65,19 @@ def resolve_layers(spec: LayerSpec, model: TLModel) -> List[int]:
     Raises:
         StepflowError: for a spec `check_layer_spec` refuses or a layer outside the model.
     """
+    return sorted(set(adapter(model).check_layers(layer_indices(spec, adapter(model).n_layers))))
+
+
+def layer_indices(spec: LayerSpec, n_layers: int) -> List[int]:
+    """The layer indices a spec names in a model of ``n_layers`` layers (as
+    `resolve_layers`, for an engine that has no TL model; the caller checks the range)."""
     spec = check_layer_spec(spec)
-    a = adapter(model)
     if isinstance(spec, str):
         band = LAYER_BANDS[spec]
-        spec = range(a.n_layers) if band is None else band_layers(a.n_layers)[band]
+        spec = range(n_layers) if band is None else band_layers(n_layers)[band]
     elif isinstance(spec, int):
         spec = [spec]
-    return sorted(set(a.check_layers(list(spec))))
+    return sorted(set(spec))
 
 
 # --------------------------------------------------------------------------- events

@@ -144,7 +144,7 @@ def matched_noise_scale(
 
 
 # --------------------------------------------------------------------------- attention interventions
-class _AttentionIntervention(Intervention):
+class AttentionIntervention(Intervention):
     """Shared group logic of OEB and its controls on ``hook_attn_scores``."""
 
     def __init__(self, layers: LayerSpec = "bottom_quarter", tau_max: float = 0.15,
@@ -168,16 +168,30 @@ class _AttentionIntervention(Intervention):
         layers = resolve_layers(self.layers, model)
         a.check_attention_editable()
         run = InterventionRun(self.name, state)
-        bridge_of = torch.tensor(BRIDGE_OF, dtype=torch.int8, device=state.device)
-        sinks = torch.tensor(self.sink_positions or (-1,), dtype=torch.int64, device=state.device)
         groups = PerStateCache()  # built once per forward, shared by the layers
         for layer in layers:
-            run.hooks.append((attn_hook(layer, "attn_scores"), self._hook(run, layer, bridge_of, sinks, groups)))
+            run.hooks.append((attn_hook(layer, "attn_scores"), self._hook(run, layer, groups)))
         return run
 
-    def groups(self, run: InterventionRun, q_len: int, k_len: int, bridge_of, sinks):
+    def edit_scores(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"],
+                    groups: PerStateCache) -> Float[torch.Tensor, "batch head query key"]:
+        """The edited pre-softmax scores of one layer for the rows of ``run.state``
+        (the last ``query`` positions of the state are the queries, every position a
+        key); what the TL hook on ``hook_attn_scores`` returns and what the vLLM engine
+        applies to the attention it computes. ``groups`` caches the masks per state."""
+        if run.state.phase == "prefill" and not self.during_prefill:
+            return scores
+        q_len, k_len = scores.shape[-2], scores.shape[-1]
+        s_mask, b_mask, sink, usable, active, q_pos = groups.get(
+            run.state, (q_len, k_len), lambda: self.groups(run, q_len, k_len)
+        )
+        return self.edit(run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos)
+
+    def groups(self, run: InterventionRun, q_len: int, k_len: int):
         """Masks ``[batch, 1, q, k]`` of S, B, sinks and valid keys, ``active [batch, 1, q]``."""
         st = run.state
+        bridge_of = torch.tensor(BRIDGE_OF, dtype=torch.int8, device=st.device)
+        sinks = torch.tensor(self.sink_positions or (-1,), dtype=torch.int64, device=st.device)
         if st.n_pos != k_len:
             raise StepflowError(
                 f"the StepState covers {st.n_pos} positions but the model sees {k_len} keys; "
@@ -200,15 +214,9 @@ class _AttentionIntervention(Intervention):
             active = ~st.prefill[:, k_len - q_len:]
         return s_mask[:, None], b_mask[:, None], sink[:, None, None, :], usable[:, None], active[:, None], q_pos
 
-    def _hook(self, run, layer, bridge_of, sinks, groups: PerStateCache):
+    def _hook(self, run, layer, groups: PerStateCache):
         def hook(scores, hook):
-            if run.state.phase == "prefill" and not self.during_prefill:
-                return scores
-            q_len, k_len = scores.shape[-2], scores.shape[-1]
-            s_mask, b_mask, sink, usable, active, q_pos = groups.get(
-                run.state, (q_len, k_len), lambda: self.groups(run, q_len, k_len, bridge_of, sinks)
-            )
-            return self.edit(run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos)
+            return self.edit_scores(run, layer, scores, groups)
 
         return hook
 
@@ -216,7 +224,7 @@ class _AttentionIntervention(Intervention):
         raise NotImplementedError
 
 
-class OddsEqualBridge(_AttentionIntervention):
+class OddsEqualBridge(AttentionIntervention):
     """Odds-Equal Bridge (paper Eqs. 5-8), see `odds_equal_edit`.
 
     Args:
@@ -237,7 +245,7 @@ class OddsEqualBridge(_AttentionIntervention):
         return res.scores
 
 
-class RandomBridge(_AttentionIntervention):
+class RandomBridge(AttentionIntervention):
     """Control: OEB's mechanics and targets with B replaced, per query, by a random
     set of |B| keys drawn uniformly from the non-S, non-sink keys (seeded per row)."""
 
@@ -260,7 +268,7 @@ class RandomBridge(_AttentionIntervention):
         return res.scores
 
 
-class MatchedLogitNoise(_AttentionIntervention):
+class MatchedLogitNoise(AttentionIntervention):
     """Control: Gaussian noise on the usable keys' logits of the same layers, scaled
     per (row, head, query) so that KL(new || old) equals the KL OEB would apply there
     (`matched_noise_scale`); queries where OEB would not fire are untouched."""

@@ -12,19 +12,18 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import pandas as pd
 import torch
 
 from ..errors import StepflowError, check_int, check_real
-from ..tl.adapter import TLModel, adapter, pad_token_ids, tokenizer_of
+from ..tl.adapter import TLModel, Tokenizer, adapter, pad_token_ids, tokenizer_of
 from ..tl.attention import fused_attention
 from ..traces.formats import QUESTION_TYPE, conversation, decode, find_question, render_prompt, resolve_format, resolve_split
 from ..traces.trace import Trace, TraceWarning
-from ..traces.tracker import StepTracker, prompt_positions
 from .base import InterventionEvent, apply_interventions
-from .state import RowSteps, StepState, extend_row
+from .state import RowTracker, StepState
 
 
 @dataclass
@@ -148,44 +147,66 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
-class _RowTracker:
-    """A `StepTracker` for one row plus the per-token lists its `StepState` rows come from."""
+@dataclass
+class PromptBatch:
+    """The prompts of one generation call as both engines run them: rendered texts,
+    question texts, token ids, token budgets, row seeds, and the resolved format/split."""
 
-    def __init__(self, tokenizer, fmt: str, split: str, prompt_text: str, question: Optional[str]):
-        ids, qpos = prompt_positions(tokenizer, prompt_text, question)
-        self.prompt_ids = ids
-        self.tracker = StepTracker(
-            tokenizer, format=fmt, split=split, prompt_ids=ids, question_positions=qpos,
-            start_segment="thinking", prompt_text=prompt_text,
-        )
-        self._rebuild()
+    texts: List[str]
+    questions: List[str]
+    ids: List[List[int]]
+    budgets: List[int]
+    seeds: List[int]
+    stop: List[str]
+    format: str
+    split: object
 
-    def _rebuild(self) -> None:
-        self.kinds = self.tracker.step_kinds
-        self.row = extend_row(RowSteps(), self.tracker.token_steps, self.kinds)
 
-    def push(self, token_id: int) -> bool:
-        """Feed the token about to be run; True when earlier positions were re-labelled
-        (the tracker rewinds when a multi-token tag completes) and the row was rebuilt."""
-        self.tracker.push(int(token_id))
-        steps, kinds = self.tracker.token_steps, self.tracker.step_kinds
-        n = len(self.row.step_id)
-        if self.tracker.changed_from < n or kinds[: len(self.kinds)] != self.kinds:
-            self._rebuild()
-            return True
-        self.kinds = kinds
-        extend_row(self.row, steps[n:], kinds)
-        return False
+Prompts = Union[str, Sequence[dict], Sequence[Union[str, Sequence[dict]]]]
 
-    def column(self):
-        r = self.row
-        return r.segment_code[-1], r.step_id[-1], r.current_segment[-1], r.new_step[-1]
+
+def prepare_prompts(tok: Tokenizer, prompts: Prompts, *, max_new_tokens: Union[int, Sequence[int]], seed: int,
+                    temperature: float, top_p: float, stop: Sequence[str], format: str, chat: bool,
+                    system: Optional[str], split: Union[str, Callable],
+                    questions: Optional[Sequence[str]]) -> PromptBatch:
+    """Check the arguments `generate` shares with the vLLM engine and render, tokenise
+    and seed the prompts (arguments as in `generate`)."""
+    prompts = _prompt_list(prompts)
+    if not prompts:
+        raise StepflowError("no prompts given")
+    seed = check_int("seed", seed)
+    check_real("temperature", temperature, low=0.0, low_open=True)
+    check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if isinstance(stop, str):
+        stop = [stop]
+    if not all(isinstance(x, str) and x for x in stop):
+        raise StepflowError(f"stop must be a list of non-empty strings, got {stop!r}")
+    texts = [render_prompt(tok, p, system, chat=chat) for p in prompts]
+    fmt = resolve_format(tok, texts[0], format)
+    split = resolve_split(split, fmt)
+    if questions is not None and len(questions) != len(prompts):
+        raise StepflowError(f"got {len(questions)} questions for {len(prompts)} prompts")
+    qtexts = [conversation(p, system)[1] if chat else
+              _question_in(tok, t, questions[i] if questions is not None else None)
+              for i, (p, t) in enumerate(zip(prompts, texts))]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if any(len(x) == 0 for x in ids):
+        raise StepflowError("an empty prompt cannot be generated from")
+    if isinstance(max_new_tokens, (list, tuple)):
+        if len(max_new_tokens) != len(ids):
+            raise StepflowError(f"got {len(max_new_tokens)} max_new_tokens for {len(ids)} prompts")
+        budgets = [check_int(f"max_new_tokens[{i}]", n, low=1) for i, n in enumerate(max_new_tokens)]
+    else:
+        budgets = [check_int("max_new_tokens", max_new_tokens, low=1)] * len(ids)
+    seeds = [row_seed(seed, i) for i in range(len(ids))]
+    return PromptBatch(texts=texts, questions=qtexts, ids=ids, budgets=budgets, seeds=seeds, stop=list(stop),
+                       format=fmt, split=split)
 
 
 @torch.no_grad()
 def generate(
     model: TLModel,
-    prompts: Union[str, Sequence[dict], Sequence[Union[str, Sequence[dict]]]],
+    prompts: Prompts,
     *,
     max_new_tokens: Union[int, Sequence[int]] = 256,
     do_sample: bool = False,
@@ -242,38 +263,15 @@ def generate(
     Returns:
         One `Generation` per prompt, in order.
     """
-    prompts = _prompt_list(prompts)
-    if not prompts:
-        raise StepflowError("no prompts given")
-    seed = check_int("seed", seed)
-    temperature = check_real("temperature", temperature, low=0.0, low_open=True)
-    top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
     a = adapter(model)
     tok = tokenizer_of(model)
     device = a.device
-    if isinstance(stop, str):
-        stop = [stop]
-    if not all(isinstance(x, str) and x for x in stop):
-        raise StepflowError(f"stop must be a list of non-empty strings, got {stop!r}")
-    texts = [render_prompt(tok, p, system, chat=chat) for p in prompts]
-    fmt = resolve_format(tok, texts[0], format)
-    split = resolve_split(split, fmt)
-    if questions is not None and len(questions) != len(prompts):
-        raise StepflowError(f"got {len(questions)} questions for {len(prompts)} prompts")
-    qtexts = [conversation(p, system)[1] if chat else
-              _question_in(tok, t, questions[i] if questions is not None else None)
-              for i, (p, t) in enumerate(zip(prompts, texts))]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    if any(len(x) == 0 for x in ids):
-        raise StepflowError("an empty prompt cannot be generated from")
+    batch = prepare_prompts(tok, prompts, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
+                            top_p=top_p, stop=stop, format=format, chat=chat, system=system, split=split,
+                            questions=questions)
+    texts, qtexts, ids, budgets, seeds, stop = batch.texts, batch.questions, batch.ids, batch.budgets, batch.seeds, batch.stop
+    fmt, split = batch.format, batch.split
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    if isinstance(max_new_tokens, (list, tuple)):
-        if len(max_new_tokens) != len(ids):
-            raise StepflowError(f"got {len(max_new_tokens)} max_new_tokens for {len(ids)} prompts")
-        budgets = [check_int(f"max_new_tokens[{i}]", n, low=1) for i, n in enumerate(max_new_tokens)]
-    else:
-        budgets = [check_int("max_new_tokens", max_new_tokens, low=1)] * len(ids)
-    seeds = [row_seed(seed, i) for i in range(len(ids))]
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     longest_stop = max((len(x) for x in stop), default=0)
     interventions = list(interventions)
@@ -302,7 +300,7 @@ def generate(
             generators[i] = torch.Generator(device=device)
             generators[i].manual_seed(seeds[i])
             if interventions:
-                trackers[i] = _RowTracker(tok, fmt, split, texts[i], qtexts[i])
+                trackers[i] = RowTracker(tok, fmt, split, texts[i], qtexts[i])
                 if trackers[i].prompt_ids != ids[i]:
                     raise StepflowError("the tracker tokenised the prompt differently from generate")
         return group

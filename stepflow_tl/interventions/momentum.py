@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -133,27 +133,37 @@ class StepMomentum(Intervention):
 
     def _z_hook(self, run, layer, values, head_to_kv, weights: PerStateCache):
         def hook(z, hook):
-            st = run.state
-            if st.phase == "prefill" and not self.during_prefill:
-                return z
-            q_len, k_len = z.shape[1], st.n_pos
-            if q_len == 1 and st.last_starts_step is False:
-                return z  # a decoded token that starts no step: nothing fires
-            w = weights.get(st, q_len, lambda: self.key_weights(st, q_len))  # [b, q, k]
-            v_hist = values["v"][:, :k_len].float()  # [b, k, kv, d]
-            m = torch.einsum("bqk,bkvd->bqvd", w, v_hist)[:, :, head_to_kv]  # [b, q, head, d]
-            q_pos = torch.arange(k_len - q_len, k_len, device=z.device)
-            add = self.direction(run, layer, m, q_pos)
-            fire = st.new_step[:, k_len - q_len:]
-            if not self.during_prefill:
-                fire = fire & ~st.prefill[:, k_len - q_len:]
-            add = add * fire[:, :, None, None]
-            norm = add.norm(dim=-1).transpose(1, 2)  # [b, head, q]
-            run.record("inject", layer, k_len - q_len,
-                       fired=fire[:, None, :].expand_as(norm) & (norm > 0), norm=norm)
-            return (z.float() + add).to(z.dtype)
+            return self.edit_z(run, layer, z, lambda: values["v"][:, :run.state.n_pos], head_to_kv, weights)
 
         return hook
+
+    def edit_z(self, run: InterventionRun, layer: int, z: Float[torch.Tensor, "batch query head d_head"],
+               values: Callable[[], Float[torch.Tensor, "batch key kv_head d_head"]],
+               head_to_kv: Int[torch.Tensor, "head"], weights: PerStateCache) -> Float[torch.Tensor, "batch query head d_head"]:
+        """``z`` of one layer with the injection added for the rows of ``run.state``
+        (the last ``query`` positions are the queries); what the TL hook on ``hook_z``
+        returns and what the vLLM engine applies to the input of ``o_proj``.
+        ``values()`` gives the value vectors of every position of the state (called only
+        when something may fire); ``weights`` caches the key weights per state."""
+        st = run.state
+        if st.phase == "prefill" and not self.during_prefill:
+            return z
+        q_len, k_len = z.shape[1], st.n_pos
+        if q_len == 1 and st.last_starts_step is False:
+            return z  # a decoded token that starts no step: nothing fires
+        w = weights.get(st, q_len, lambda: self.key_weights(st, q_len))  # [b, q, k]
+        v_hist = values().float()  # [b, k, kv, d]
+        m = torch.einsum("bqk,bkvd->bqvd", w, v_hist)[:, :, head_to_kv]  # [b, q, head, d]
+        q_pos = torch.arange(k_len - q_len, k_len, device=z.device)
+        add = self.direction(run, layer, m, q_pos)
+        fire = st.new_step[:, k_len - q_len:]
+        if not self.during_prefill:
+            fire = fire & ~st.prefill[:, k_len - q_len:]
+        add = add * fire[:, :, None, None]
+        norm = add.norm(dim=-1).transpose(1, 2)  # [b, head, q]
+        run.record("inject", layer, k_len - q_len,
+                   fired=fire[:, None, :].expand_as(norm) & (norm > 0), norm=norm)
+        return (z.float() + add).to(z.dtype)
 
 
 class RandomMomentum(StepMomentum):

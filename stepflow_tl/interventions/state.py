@@ -14,8 +14,10 @@ from typing import List, Optional, Sequence, Union
 import torch
 from jaxtyping import Bool, Int
 
+from ..tl.adapter import Tokenizer
 from ..traces.formats import STEP_KINDS
 from ..traces.trace import Trace
+from ..traces.tracker import StepTracker, prompt_positions
 
 # Segment codes used in `StepState.segment_code` / `current_segment`: 0 is markup, then
 # the step kinds in order.
@@ -177,3 +179,38 @@ def extend_row(row: RowSteps, token_steps: Sequence[int], step_kinds: Sequence[s
 
 def _row_from_trace(trace) -> RowSteps:
     return extend_row(RowSteps(), trace.token_steps.tolist(), [s.kind for s in trace.steps])
+
+
+class RowTracker:
+    """A `StepTracker` for one row plus the per-token lists its `StepState` rows come from
+    (``row``); both generation engines keep one per request."""
+
+    def __init__(self, tokenizer: Tokenizer, fmt: str, split: str, prompt_text: str, question: Optional[str]):
+        ids, qpos = prompt_positions(tokenizer, prompt_text, question)
+        self.prompt_ids = ids
+        self.tracker = StepTracker(
+            tokenizer, format=fmt, split=split, prompt_ids=ids, question_positions=qpos,
+            start_segment="thinking", prompt_text=prompt_text,
+        )
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.kinds = self.tracker.step_kinds
+        self.row = extend_row(RowSteps(), self.tracker.token_steps, self.kinds)
+
+    def push(self, token_id: int) -> bool:
+        """Feed the token about to be run; True when earlier positions were re-labelled
+        (the tracker rewinds when a multi-token tag completes) and the row was rebuilt."""
+        self.tracker.push(int(token_id))
+        steps, kinds = self.tracker.token_steps, self.tracker.step_kinds
+        n = len(self.row.step_id)
+        if self.tracker.changed_from < n or kinds[: len(self.kinds)] != self.kinds:
+            self._rebuild()
+            return True
+        self.kinds = kinds
+        extend_row(self.row, steps[n:], kinds)
+        return False
+
+    def column(self):
+        r = self.row
+        return r.segment_code[-1], r.step_id[-1], r.current_segment[-1], r.new_step[-1]

@@ -60,7 +60,7 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "stepflow_tl"
 
 
-def _embedded_hf_dir() -> Path:
+def embedded_hf_dir() -> Path:
     """A transformers-format copy of the dequantised GGUF, made once.
 
     Dequantising the GGUF and converting its tokenizer takes ~30 s; loading the
@@ -110,7 +110,7 @@ def load_embedded_hf(dtype: torch.dtype = torch.float32, device: Union[str, torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _embedded_hf_dir()
+    path = embedded_hf_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation="eager"
@@ -122,7 +122,7 @@ def load_embedded_tokenizer():
     """SmolLM2's fast tokenizer (offset mapping supported), offline."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_embedded_hf_dir())
+    return AutoTokenizer.from_pretrained(embedded_hf_dir())
 
 
 def make_tiny_hf(
@@ -383,3 +383,10 @@ def model_info(model: TLModel, weights: str = "") -> ModelInfo:
         weights=weights,
         transformer_lens=importlib.metadata.version("transformer-lens"),
     )
+
+
+def load_tokenizer(path: Union[str, Path]):
+    """The Hugging Face tokenizer saved in a local model folder (offline)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
