@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+pytest.importorskip("vllm", reason="vLLM is installed only in the vLLM lane (make test-vllm)")
 
 PROMPTS = ["What is 12 * 3 - 5?", "Name three primes.", "Why is the sky blue?", "Add 17 and 25."]
 
