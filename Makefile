@@ -59,9 +59,11 @@ test-tl39: .venv-tl39/.stepflow-installed
 # The vLLM lane runs only tests/lane_vllm (the TL lanes run the rest): vLLM's own
 # start-up costs seconds per engine, so the lane keeps to what needs vLLM.
 # VLLM_CPU_OMP_THREADS_BIND=nobind: vLLM's default pins OpenMP threads to cores, which
-# on a shared machine took ~45x longer.
+# on a shared machine took ~45x longer; OMP_NUM_THREADS=1: vLLM's CPU kernels run one
+# OpenMP region per op, and on a busy 2-core machine every region waited for a time
+# slice (8 prompts x 32 tokens: 64 s with the default threads, 7 s with one).
 test-vllm: .venv-vllm/.stepflow-installed
-	VLLM_CPU_OMP_THREADS_BIND=nobind .venv-vllm/bin/python -m pytest tests/lane_vllm $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind .venv-vllm/bin/python -m pytest tests/lane_vllm $(PYTEST_ARGS)
 
 # The canary: a new venv each time, every dependency at its newest release (torch stays
 # at the CPU pin), then the whole suite.

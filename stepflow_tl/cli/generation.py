@@ -6,8 +6,11 @@ import json
 
 from ..errors import StepflowError
 from ..interventions import OddsEqualBridge, StepFlow, StepMomentum, generate, resolve_layers
+from ..interventions.base import layer_indices
 from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
-from .common import SAMPLING_DEFAULTS, add_model_args, load_from_args, parse_layers, refuse_unused
+from .common import (
+    SAMPLING_DEFAULTS, add_engine_arg, add_model_args, check_engine_args, load_from_args, parse_layers, refuse_unused,
+)
 
 
 def interventions_from_args(args) -> list:
@@ -43,22 +46,34 @@ def cmd_generate(args) -> int:
         refuse_unused(args, {"temperature": "--temperature", "top_p": "--top-p", "seed": "--seed"},
                       "without --sample (greedy decoding draws nothing)", "add --sample or drop the flag")
     interventions = interventions_from_args(args)  # before loading, so a bad flag costs nothing
+    check_engine_args(args)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     model = load_from_args(args)
+    vllm = args.engine == "vllm"
     for iv in [p for i in interventions for p in getattr(i, "parts", lambda: [i])()]:
         flag = "--oeb" if isinstance(iv, OddsEqualBridge) else "--smi"
         try:
-            resolve_layers(iv.layers, model)
+            layers = layer_indices(iv.layers, model.n_layers) if vllm else resolve_layers(iv.layers, model)
+            if vllm and max(layers) >= model.n_layers:
+                raise StepflowError(f"layers {[x for x in layers if x >= model.n_layers]} are outside the model, "
+                                    f"which has {model.n_layers} layers")
         except StepflowError as exc:
             raise StepflowError(f"{flag} {getattr(args, flag[2:]) or iv.layers}: {exc}") from None
-    (result,) = generate(
-        model, [args.prompt], max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-        interventions=interventions, format=args.format, chat=not args.raw, split=args.split,
-        **{**SAMPLING_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}},
-    )
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, interventions=interventions,
+                   format=args.format, chat=not args.raw, split=args.split,
+                   **{**SAMPLING_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}})
+    results = model.generate(args.prompt, **options) if vllm else generate(model, args.prompt, **options)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        # one object per prompt (one line each when there are several)
+        for result in results:
+            print(json.dumps(result.to_dict(), indent=2 if len(results) == 1 else None))
         return 0
+    for result in results:
+        _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
     print(result.text)
     events = result.to_dataframe()
     print(f"\n--- {len(result.output_ids)} tokens, stop: {result.stop_reason}, {result.format} format, "
@@ -70,13 +85,13 @@ def cmd_generate(args) -> int:
             injected_norm=("injected_norm", "mean"),
         )
         print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
-    return 0
 
 
 def add_commands(sub) -> None:
     gen = sub.add_parser("generate", help="KV-cached generation, optionally with StepFlow")
-    gen.add_argument("prompt", help="the question (rendered through the chat template unless --raw)")
+    gen.add_argument("prompt", nargs="+", help="the questions (each rendered through the chat template unless --raw)")
     add_model_args(gen)
+    add_engine_arg(gen)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy")
     gen.add_argument("--temperature", type=float, default=None,
@@ -101,5 +116,6 @@ def add_commands(sub) -> None:
                      help="injection strength, any finite number (default 0.06); with --smi or --stepflow")
     gen.add_argument("--beta", type=float, default=None,
                      help="momentum decay over steps, in [0, 1) (default 0); with --smi or --stepflow")
-    gen.add_argument("--json", action="store_true", help="print the result (text, trace, events) as JSON")
+    gen.add_argument("--json", action="store_true",
+                     help="print each result (prompt_ids, output_ids, text, events, trace) as JSON, one object per prompt")
     gen.set_defaults(func=cmd_generate)

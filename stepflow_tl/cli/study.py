@@ -19,7 +19,10 @@ from ..study import (
 from ..study.conditions import resolve_conditions
 from ..study.demo import honesty_note, run_demo
 from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
-from .common import SAMPLING_DEFAULTS, add_model_args, launch_state, load_from_args, prepare_out, refuse_unused
+from .common import (
+    SAMPLING_DEFAULTS, add_engine_arg, add_model_args, check_engine_args, launch_state, load_from_args, prepare_out,
+    refuse_unused,
+)
 
 
 def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
@@ -27,6 +30,7 @@ def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
                         help="problem file (.jsonl/.json/.csv/.parquet, see docs/problems.md) or 'builtin' "
                         "(the built-in suite, see --levels/--n-per-level)")
     add_model_args(parser)
+    add_engine_arg(parser)
     parser.add_argument("--conditions", default=",".join(default_conditions),
                         help=f"comma-separated names from: {', '.join(CONDITIONS)}")
     parser.add_argument("--levels", default=None, help="built-in suite levels, comma-separated (default 1,2,3)")
@@ -83,6 +87,10 @@ def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> Stud
             # Greedy copies of one output would count as independent items in the intervals.
             raise StepflowError(f"--samples {args.samples} without --do-sample repeats the same greedy output "
                                 f"{args.samples} times and would shrink every interval; add --do-sample or drop it")
+    check_engine_args(args)
+    if args.engine == "vllm" and args.saliency:
+        raise StepflowError("--saliency needs a TransformerLens model; with --engine vllm run without it and map "
+                            "the saved traces with the TL engine")
     state = launch_state(args)
     out = prepare_out(args.out)
     results = Path(args.results) if args.results else out / "results.jsonl"

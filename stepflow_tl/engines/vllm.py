@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..errors import StepflowError
@@ -42,7 +43,7 @@ from ..interventions.base import InterventionEvent, InterventionRun, PerStateCac
 from ..interventions.bridge import AttentionIntervention
 from ..interventions.generate import Generation, Prompts, prepare_prompts
 from ..interventions.momentum import StepMomentum
-from ..interventions.state import RowSteps, RowTracker, StepState
+from ..interventions.state import RowTracker, StepState
 from ..interventions.stepflow import StepFlow
 from ..tl.adapter import Tokenizer
 from ..tl.models import cache_dir, embedded_hf_dir, load_tokenizer
@@ -179,6 +180,8 @@ class _Request:
     scheduled: float = 0.0
     started: float = 0.0
     finished: float = 0.0
+    arrays: Optional[Dict[str, np.ndarray]] = None
+    synced: int = 0
 
     def feed(self, start: int, tokens: Sequence[int]) -> None:
         """The tokens vLLM runs at positions ``start...``: known ones (a prefill of the
@@ -194,14 +197,51 @@ class _Request:
                 raise StepflowError(f"vLLM skipped positions {len(self.tokens)}..{pos - 1} of prompt {self.index} "
                                     "(prefix caching?); the step state needs every token")
             self.tokens.append(int(token))
-            if self.tracker is not None:
-                self.tracker.push(int(token))
+            if self.tracker is not None and self.tracker.push(int(token)):
+                self.synced = 0  # earlier positions were re-labelled
 
-    def row(self, end: int) -> RowSteps:
+    def columns(self) -> Dict[str, np.ndarray]:
+        """The tracker's row as numpy arrays (only what changed is copied), so a batch
+        state is a few slice copies and one transfer per tensor, not Python lists."""
         row = self.tracker.row
-        if len(row.step_id) == end:
-            return row
-        return RowSteps(row.segment_code[:end], row.step_id[:end], row.current_segment[:end], row.new_step[:end])
+        n = len(row.step_id)
+        if self.arrays is None or self.arrays["step_id"].shape[0] < n:
+            cap = max(2 * n, 256)
+            old = self.arrays
+            self.arrays = {k: np.zeros(cap, dtype=t) for k, t in _COLUMN_TYPES.items()}
+            if old is not None:
+                for k in self.arrays:
+                    self.arrays[k][:self.synced] = old[k][:self.synced]
+        if self.synced < n:
+            for k in _COLUMN_TYPES:
+                self.arrays[k][self.synced:n] = getattr(row, k)[self.synced:n]
+            self.synced = n
+        return self.arrays
+
+
+_COLUMN_TYPES = {"segment_code": np.int8, "step_id": np.int32, "current_segment": np.int8, "new_step": np.bool_}
+
+
+def _batch_state(requests: List[_Request], ends: List[int], device: torch.device) -> StepState:
+    """The `StepState` of rows ``requests`` over their first ``ends`` positions,
+    left-padded (what ``StepState.from_rows`` builds, from the rows' numpy columns)."""
+    width, rows = max(ends), len(requests)
+    out = {k: np.zeros((rows, width), dtype=t) for k, t in _COLUMN_TYPES.items()}
+    out["step_id"].fill(-1)
+    prefill = np.zeros((rows, width), dtype=np.bool_)
+    for r, (req, end) in enumerate(zip(requests, ends)):
+        cols = req.columns()
+        for k in _COLUMN_TYPES:
+            out[k][r, width - end:] = cols[k][:end]
+        prefill[r, width - end: width - end + min(len(req.prompt_ids), end)] = True
+    move = lambda a: torch.from_numpy(a).to(device)
+    return StepState(
+        segment_code=move(out["segment_code"]), step_id=move(out["step_id"]),
+        current_segment=move(out["current_segment"]), new_step=move(out["new_step"]), prefill=move(prefill),
+        pad=torch.tensor([width - end for end in ends], dtype=torch.int64, device=device),
+        row_seed=torch.tensor([req.seed for req in requests], dtype=torch.int64, device=device),
+        last_starts_step=bool(out["new_step"][:, -1].any()),
+    )
 
 
 @dataclass
@@ -338,9 +378,7 @@ class _Hooks:
     def group(self, requests: List[_Request], tokens: List[int], ends: List[int], q_len: int) -> _Group:
         dev = self.engine.device
         width = max(ends)
-        state = StepState.from_rows([req.row(end) for req, end in zip(requests, ends)], device=dev,
-                                    row_seeds=[req.seed for req in requests],
-                                    prefill_lengths=[len(req.prompt_ids) for req in requests])
+        state = _batch_state(requests, ends, dev)
         if q_len > 1 and ends[0] <= len(requests[0].prompt_ids):
             state.phase = "prefill"  # every query is a prompt token
         columns = torch.arange(width, device=dev)
@@ -483,6 +521,7 @@ class VLLMEngine:
                 raise StepflowError(f"the vLLM engine supports {', '.join(SUPPORTED_ARCHITECTURES)}; {model!r} is "
                                     f"{architectures or 'of no declared architecture'} (config.json 'architectures')")
         self.path = path
+        self.name = "SmolLM2-135M-Instruct" if model in EMBEDDED_ALIASES else path.name
         self.tokenizer = load_tokenizer(path)
         self.llm = vllm.LLM(model=str(path), dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                             seed=seed, enforce_eager=True, enable_prefix_caching=False, **vllm_args)
@@ -509,10 +548,16 @@ class VLLMEngine:
                 raise StepflowError(f"layer {i} uses sliding-window, soft-capped or ALiBi attention, which the "
                                     "vLLM engine does not reproduce; use engine='tl'")
         self.n_layers = len(self.layers)
+        self.d_model = int(self.llm.llm_engine.model_config.get_hidden_size())
         self.n_heads, self.n_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_size
         self.scale = float(attn.impl.scale)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
+
+    @staticmethod
+    def software() -> Dict[str, str]:
+        """The version of vLLM (a study's config records it: other numerics)."""
+        return {"vllm": check_vllm().__version__}
 
     def close(self) -> None:
         """Free the engine (weights and KV cache)."""

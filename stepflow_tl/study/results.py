@@ -27,7 +27,10 @@ RESULTS_VERSION = 1
 ITEM_COLUMNS = [
     "problem_id", "condition", "sample", "seed", "correct", "extracted", "gold", "difficulty",
     "n_tokens", "stop_reason", "wall_time_s", "n_events", "events", "mean_kl", "saliency", "output",
+    "prompt_ids", "output_ids",
 ]
+# Items written before these keys existed lack them; they are read as missing.
+LATER_ITEM_COLUMNS = ("prompt_ids", "output_ids")
 
 
 def lock_path(path) -> Path:
@@ -188,7 +191,7 @@ def _truncate_partial_line(path: Path) -> None:
 
 
 def _validate_item(item: dict, path, where: str) -> None:
-    missing = [k for k in ITEM_COLUMNS if k not in item]
+    missing = [k for k in ITEM_COLUMNS if k not in item and k not in LATER_ITEM_COLUMNS]
     if missing:
         raise StepflowError(f"{path}, {where}: item lacks keys {missing}; not a stepflow_tl results file?")
     types = {"problem_id": str, "condition": str, "sample": int, "correct": bool, "n_tokens": int}

@@ -14,6 +14,7 @@ process merges the shards into ``results_path`` at the end. See ``docs/study.md`
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..engines.vllm import VLLMEngine
 from ..errors import StepflowError, check_bool, check_int, check_real
 from ..interventions.generate import generate, row_seed, seed_for_rows
 from ..saliency.compute import step_saliency
@@ -74,11 +76,19 @@ def _software() -> Dict[str, str]:
     return out
 
 
-def study_config(model: TLModel, problems: Sequence[Problem], conditions: Dict[str, list], **settings: Any) -> dict:
+def study_config(model: Union[TLModel, VLLMEngine], problems: Sequence[Problem], conditions: Dict[str, list], **settings: Any) -> dict:
     """The JSON-safe description of a study that decides whether a results file can be
     resumed (batch size, device and process count are not part of it). It names the
     model's dtype and the versions of torch, transformers and TransformerLens, so items
     made by other numerics are never mixed into one paired comparison."""
+    if isinstance(model, VLLMEngine):
+        # Another engine is other numerics: its items never pair with the TL engine's.
+        return {
+            "model": model.name, "model_shape": [model.n_layers, model.n_heads, model.n_kv_heads, model.d_model],
+            "dtype": str(model.dtype).removeprefix("torch."), "software": {**_software(), **model.software()},
+            "engine": "vllm", "n_problems": len(problems), "problems_sha": _problem_fingerprint(problems),
+            "conditions": {name: [describe(iv) for iv in ivs] for name, ivs in conditions.items()}, **settings,
+        }
     a = adapter(model)
     cfg = getattr(model, "cfg", None)
     return {
@@ -142,7 +152,7 @@ def distributed_state():
 
 
 def evaluate(
-    model: TLModel,
+    model: Union[TLModel, VLLMEngine],
     problems: Sequence[Problem],
     *,
     conditions: ConditionSpec = DEFAULT_CONDITIONS,
@@ -166,7 +176,8 @@ def evaluate(
     """Run every condition on every problem ``samples`` times and grade the outputs.
 
     Args:
-        model: a TL model (each process of an ``accelerate launch`` loads its own).
+        model: a TL model (each process of an ``accelerate launch`` loads its own), or a
+            `VLLMEngine` to generate with vLLM (docs/vllm.md; no saliency maps then).
         problems: `Problem` list (unique ids).
         conditions: names from `CONDITIONS`, or ``{name: [interventions]}`` (values may
             also be callables returning the list).
@@ -217,6 +228,10 @@ def evaluate(
     if saliency_loss not in LOSSES:
         raise StepflowError(f"saliency_loss must be one of {list(LOSSES)}, got {saliency_loss!r}")
     conds = resolve_conditions(conditions)
+    on_vllm = isinstance(model, VLLMEngine)
+    if on_vllm and saliency is not False and saliency != 0:
+        raise StepflowError("saliency maps need a TransformerLens model; evaluate on a VLLMEngine without "
+                            "saliency and map the saved traces with the TL engine")
     if split not in SPLIT_CHOICES:
         raise StepflowError(f"split must be one of {SPLIT_CHOICES} (a study records it by name), got {split!r}")
     tok = tokenizer_of(model)
@@ -282,8 +297,8 @@ def evaluate(
             for batch in _runs(pending[name], batch_size):
                 probs = [problems[g // samples] for g in batch]
                 t0 = time.perf_counter()
-                gens = generate(
-                    model, [prompt_for(p, style=prompt_style) for p in probs], max_new_tokens=max_new_tokens,
+                gens = (model.generate if on_vllm else functools.partial(generate, model))(
+                    [prompt_for(p, style=prompt_style) for p in probs], max_new_tokens=max_new_tokens,
                     do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed_for_rows(seed, batch[0]),
                     interventions=ivs, format=trace_format, system=system, split=split,
                 )
@@ -310,6 +325,7 @@ def evaluate(
                         "output": gen.text, "n_tokens": len(gen.output_ids), "stop_reason": gen.stop_reason,
                         "wall_time_s": wall, "difficulty": p.difficulty, "events": counts,
                         "n_events": sum(counts.values()), "mean_kl": mean_kl, "saliency": rel,
+                        "prompt_ids": list(gen.prompt_ids), "output_ids": list(gen.output_ids),
                     }
                     if store is not None:
                         store.append(item)
@@ -381,7 +397,7 @@ def load_study(results_path: Union[str, Path], *, reference: str = "baseline") -
     return _result(records, header, names, reference, path)
 
 
-def ablate(model: TLModel, problems: Sequence[Problem], **kwargs: Any) -> StudyResult:
+def ablate(model: Union[TLModel, VLLMEngine], problems: Sequence[Problem], **kwargs: Any) -> StudyResult:
     """`evaluate` on the full grid `ABLATION`: baseline, StepFlow, OEB only, SMI only,
     the matched controls and the placement swaps."""
     kwargs.setdefault("conditions", ABLATION)
