@@ -182,6 +182,7 @@ class _Request:
     finished: float = 0.0
     arrays: Optional[Dict[str, np.ndarray]] = None
     synced: int = 0
+    rerun: int = 0
 
     def feed(self, start: int, tokens: Sequence[int]) -> None:
         """The tokens vLLM runs at positions ``start...``: known ones (a prefill of the
@@ -189,6 +190,7 @@ class _Request:
         for offset, token in enumerate(tokens):
             pos = start + offset
             if pos < len(self.tokens):
+                self.rerun += pos >= len(self.prompt_ids)  # a preempted request recomputing its output
                 if self.tokens[pos] != token:
                     raise StepflowError(f"vLLM ran token {token} at position {pos} of prompt {self.index}, "
                                         f"which holds {self.tokens[pos]}; the step state would be wrong")
@@ -309,6 +311,7 @@ class _Hooks:
         self.slots_used = 0
         self.free_slots: List[int] = []
         self.by_internal_id: Dict[str, _Request] = {}
+        self.forwards = 0
 
     # ------------------------------------------------------------------ bookkeeping
     def request(self, internal_id: str) -> _Request:
@@ -337,6 +340,7 @@ class _Hooks:
     def on_forward(self, module, args, kwargs):
         """Model pre-hook: which request each token of the flattened batch belongs to."""
         self.flush_events()
+        self.forwards += 1
         runner = self.engine.runner
         n = runner.input_batch.num_reqs
         req_ids = list(runner.input_batch.req_ids[:n])
@@ -662,6 +666,9 @@ class VLLMEngine:
                 handle.remove()
             if engine.has_unfinished_requests():  # an error mid-call: leave the engine idle
                 engine.abort_request(list(requests))
+        # What vLLM's scheduling did in this call (for tests and curiosity).
+        self.last_call_stats = {"forwards": hooks.forwards, "recomputed_tokens": sum(r.rerun for r in requests.values()),
+                                "store_slots": hooks.slots_used}
         names = [repr(iv) for iv in interventions]
         return [self._generation(batch, req, outputs[req.index], hooks.events, names) for req in requests.values()]
 
@@ -690,7 +697,9 @@ class VLLMEngine:
         # tokens when a multi-token tag completes), as the TL path's do.
         steps = trace.token_steps.tolist()
         stop_at = len(ids) + len(output_ids) - 1
-        mine = [e for e in events if e.row == i and e.position < stop_at]
+        # A preempted request recomputes its tokens and records their events again: keep one.
+        latest = {(e.intervention, e.layer, e.position): e for e in events if e.row == i and e.position < stop_at}
+        mine = list(latest.values())
         mine = [InterventionEvent(**{**e.__dict__, "step": int(steps[e.position])}) for e in mine]
         prefill_s = max(req.started - req.scheduled, 0.0)
         decode_s = max(req.finished - req.started, 0.0)
