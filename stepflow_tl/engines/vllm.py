@@ -526,9 +526,14 @@ class VLLMEngine:
                                     f"{architectures or 'of no declared architecture'} (config.json 'architectures')")
         self.path = path
         self.name = "SmolLM2-135M-Instruct" if model in EMBEDDED_ALIASES else path.name
-        self.tokenizer = load_tokenizer(path)
-        self.llm = vllm.LLM(model=str(path), dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                            seed=seed, enforce_eager=True, enable_prefix_caching=False, **vllm_args)
+        try:
+            self.tokenizer = load_tokenizer(path)
+            self.llm = vllm.LLM(model=str(path), dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                seed=seed, enforce_eager=True, enable_prefix_caching=False, **vllm_args)
+        except (ValueError, TypeError, OSError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise StepflowError(f"vLLM could not load {str(path)!r}: {first[:300]} (check the folder's config.json "
+                                "and weights, and the engine's options)") from err
         self._request_counter = 0
         try:
             self._inspect()

@@ -68,6 +68,9 @@ def test_refusals_are_one_line_errors(engine, tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(StepflowError, match="supports LlamaForCausalLM"):
         module.VLLMEngine(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(StepflowError, match="vLLM could not load"):
+        module.VLLMEngine(str(tmp_path))
     with pytest.raises(StepflowError, match="not a model folder"):
         module.VLLMEngine(str(tmp_path / "missing"))
     import vllm
