@@ -27,26 +27,31 @@ def _float64_attention(module, query, key, value, attention_mask, scaling, dropo
 AttentionInterface.register(FLOAT64_ATTENTION, _float64_attention)
 
 
-def hf_attention_and_grads(hf_model, token_ids, loss_positions=None):
+def hf_attention_and_grads(hf_model, token_ids, loss_positions=None, logit=None):
     """Per layer ``(A, dL/dA)`` as float64 ``[head, q, k]`` from an eager HF model.
 
     The loss is the mean next-token cross-entropy over ``loss_positions`` (targets;
-    default every token after the first: then it is transformers' own ``labels=`` loss).
+    default every token after the first: then it is transformers' own ``labels=`` loss);
+    with ``logit=(position, token_id)`` the scalar is that logit instead (the authors'
+    ``mode="logit"``: ``logits[0, target_pos, target_token_id]``).
     """
     if next(hf_model.parameters()).dtype == torch.float64:
         before = hf_model.config._attn_implementation
         hf_model.set_attn_implementation(FLOAT64_ATTENTION)
         try:
-            return _attention_and_grads(hf_model, token_ids, loss_positions)
+            return _attention_and_grads(hf_model, token_ids, loss_positions, logit)
         finally:
             hf_model.set_attn_implementation(before)
-    return _attention_and_grads(hf_model, token_ids, loss_positions)
+    return _attention_and_grads(hf_model, token_ids, loss_positions, logit)
 
 
-def _attention_and_grads(hf_model, token_ids, loss_positions):
+def _attention_and_grads(hf_model, token_ids, loss_positions, logit=None):
     ids = token_ids[None]
     float64 = next(hf_model.parameters()).dtype == torch.float64
-    if loss_positions is None and not float64:
+    if logit is not None:
+        out = hf_model(ids, output_attentions=True, use_cache=False)
+        loss = out.logits[0, logit[0], logit[1]]
+    elif loss_positions is None and not float64:
         out = hf_model(ids, labels=ids, output_attentions=True, use_cache=False)
         loss = out.loss
     else:  # transformers' labels= loss casts float64 logits to fp32
@@ -84,9 +89,23 @@ def pool_loop(values, token_steps, n_steps, pool):
     return out
 
 
-def reference_saliency(hf_model, trace, pool="mean", loss_positions=None):
-    """``[layer, step, step]`` float64: mean over heads of pooled |A * dL/dA|."""
+def rule_values(rule, a, g):
+    """The authors' three rules, written out: ``ag`` |A g|, ``ag_signed`` A g, ``g`` |g|
+    (here on the pairs with A > 0: the gradient of a masked entry is not attention)."""
+    if rule == "abs":
+        return (a * g).abs()
+    if rule == "signed":
+        return a * g
+    if rule == "grad":
+        return torch.where(a > 0, g.abs(), torch.zeros_like(g))
+    raise AssertionError(rule)
+
+
+def reference_saliency(hf_model, trace, pool="mean", loss_positions=None, rule="abs", logit=None, per_head=False):
+    """``[layer, step, step]`` float64: mean over heads of the pooled rule value (default
+    |A * dL/dA|); ``per_head``: ``[layer, head, step, step]``."""
     maps = []
-    for a, g in hf_attention_and_grads(hf_model, trace.token_ids, loss_positions):
-        maps.append(pool_loop((a * g).abs(), trace.token_steps, trace.n_steps, pool).mean(0))
+    for a, g in hf_attention_and_grads(hf_model, trace.token_ids, loss_positions, logit):
+        pooled = pool_loop(rule_values(rule, a, g), trace.token_steps, trace.n_steps, pool)
+        maps.append(pooled if per_head else pooled.mean(0))
     return torch.stack(maps)

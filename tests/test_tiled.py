@@ -78,9 +78,11 @@ def test_kernel_matches_dense_attention(n_pos, window, padded, with_sinks, block
         valid[1, :3] = False
     sinks = torch.randn(4, generator=g, **shape).requires_grad_() if with_sinks else None
     seen = torch.zeros(4, 2, n_pos, n_pos, **shape)
+    seen_grad = torch.zeros(4, 2, n_pos, n_pos, **shape)
 
-    def on_tile(rows, cols, values):
-        seen[:, :, rows, cols] += values
+    def on_tile(rows, cols, a, da):
+        seen[:, :, rows, cols] += a * da
+        seen_grad[:, :, rows, cols] += da
 
     z = tiled_attention_heads(q, k, v, TileSpec(0.3, window=window, block=block),
                               key_valid=valid, sinks=sinks, on_tile=on_tile)
@@ -97,7 +99,10 @@ def test_kernel_matches_dense_attention(n_pos, window, padded, with_sinks, block
     assert torch.allclose(z[1, :, real], expected[1, :, real], rtol=0, atol=1e-12)
     for a, b in zip(got, want[:-1]):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
-    assert torch.allclose(seen, (pattern * want[-1]).abs().reshape(4, 2, n_pos, n_pos), rtol=0, atol=1e-12)
+    assert torch.allclose(seen, (pattern * want[-1]).reshape(4, 2, n_pos, n_pos), rtol=0, atol=1e-12)
+    # dL/dA on the pairs the attention may use; 0 on masked ones (future, window, padding)
+    usable = (pattern > 0).reshape(4, 2, n_pos, n_pos)
+    assert torch.allclose(seen_grad, (want[-1].reshape(4, 2, n_pos, n_pos) * usable), rtol=0, atol=1e-12)
 
 
 class _LargestSquare(TorchDispatchMode):

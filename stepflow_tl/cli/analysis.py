@@ -4,6 +4,7 @@ maps, diagnostics and a report for a file of traces."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -13,9 +14,11 @@ from ..saliency import Diagnostics, StepSaliency, compare, diagnose, step_salien
 from ..saliency.compute import MODES, SALIENCY_POOLS
 from ..saliency.diagnostics import HEADLINE_HEADERS
 from ..saliency.losses import LOSSES, loss_target_positions
+from ..saliency.receivers import PROXIMITY_IGNORE, TOP_K, mean_kurtosis, receiver_heads
+from ..saliency.rules import RULES, parse_target
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
-from ..viz import DEFAULT_VIEW, VIEWS, Report
+from ..viz import DEFAULT_VIEW, VIEWS, Report, plot_receiver_heads
 from .common import add_model_args, launch_state, load_from_args, prepare_out, refuse_unused
 
 
@@ -40,7 +43,16 @@ def cmd_saliency(args) -> int:
                       "add --max-tokens N (the length to cut to) or drop --truncate")
     if args.limit is not None and args.limit < 1:
         raise StepflowError(f"--limit must be >= 1, got {args.limit}")
+    if args.loss != "logit":
+        refuse_unused(args, {"target": "--target"}, f"with --loss {args.loss}", "use --loss logit or drop --target")
+    if not args.receiver_heads:
+        refuse_unused(args, {"proximity_ignore": "--proximity-ignore"}, "without --receiver-heads",
+                      "add --receiver-heads or drop --proximity-ignore")
+    target = parse_target(args.target) if args.target is not None else None
     state = launch_state(args)
+    if state and args.receiver_heads:
+        raise StepflowError("--receiver-heads runs in one process (the ranking pools every trace's heads); "
+                            "run it without accelerate launch")
     rank = state.process_index if state else 0
     out = prepare_out(args.out)
     model = load_from_args(args)
@@ -54,7 +66,8 @@ def cmd_saliency(args) -> int:
     for i, trace in enumerate(traces):
         trace.meta.setdefault("trace_id", i)
         try:
-            positions[i] = loss_target_positions(args.loss, trace)  # the loss has something to score
+            # the loss has something to score (an explicit logit target needs no answer)
+            positions[i] = None if target is not None else loss_target_positions(args.loss, trace)
         except StepflowError as exc:
             skipped.append({"trace": i, "record": trace.meta.get("record_index", i),
                             "id": trace.meta.get("id", trace.meta.get("trace_id")), "reason": str(exc)})
@@ -64,9 +77,15 @@ def cmd_saliency(args) -> int:
     if state:
         with state.split_between_processes(mine) as part:
             mine = list(part)
+    receivers = {}
     for i in tqdm(mine, desc="step saliency", unit="trace", disable=rank != 0):
         step_saliency(model, traces[i], loss=args.loss, pool=args.pool, mode=args.mode,
-                      loss_positions=positions[i]).save(out / f"trace{i:04d}")
+                      loss_positions=positions[i], rule=args.rule, target=target).save(out / f"trace{i:04d}")
+        if args.receiver_heads:
+            found = receiver_heads(model, traces[i], proximity_ignore=args.proximity_ignore or PROXIMITY_IGNORE)
+            found.ranked().to_csv(out / f"trace{i:04d}.receiver_heads.csv", index=False)
+            found.to_dataframe().to_csv(out / f"trace{i:04d}.receiver_scores.csv", index=False)
+            receivers[i] = found
     if state:
         state.wait_for_everyone()
     if rank != 0:
@@ -75,10 +94,20 @@ def cmd_saliency(args) -> int:
     for i in measurable:
         trace = traces[i]
         result = StepSaliency.load(out / f"trace{i:04d}")
-        diag = diagnose(result)
-        rows.append({"trace": i, "record": trace.meta.get("record_index", i), **diag.summary()})
+        texts = [step.text for step in trace.steps]
+        if "graphml" in args.export:
+            result.save_graphml(out / f"trace{i:04d}.graphml", texts)
+        if "step_importance" in args.export:
+            result.save_step_importance(out / f"trace{i:04d}.step_importance.json", texts)
+        # the diagnostics read magnitudes: signed maps get them from |maps|, and say so
+        diag = diagnose(replace(result, maps=result.maps.abs()) if result.rule == "signed" else result)
+        rows.append({"trace": i, "record": trace.meta.get("record_index", i), "rule": result.rule, **diag.summary()})
         results.append((trace, result, diag))
     report = Report(f"Step-Saliency of {args.traces}")
+    if args.rule == "signed":
+        report.add_text("rule=signed: the maps hold A x dL/dA with its sign; the diagnostics and the pictures "
+                        "below are of its magnitude |A x dL/dA| pooled after the sign (the .npz files keep the "
+                        "signed maps).", css_class="note")
     if skipped:
         skipped_frame = pd.DataFrame(skipped)
         skipped_frame.to_csv(out / "skipped.csv", index=False)
@@ -100,10 +129,23 @@ def cmd_saliency(args) -> int:
         comparison.to_csv(out / "compare.csv", index=False)
         bands = comparison[comparison["level"] == "band"].drop(columns=["level", "layer"])
         report.add_table(bands, caption="Correct vs incorrect, per band")
+    if receivers:
+        ranking = mean_kurtosis(list(receivers.values()))
+        ranking.to_csv(out / "receiver_heads.csv", index=False)
+        report.add_table(ranking.head(TOP_K), caption=f"Receiver heads: kurtosis of each head's vertical scores "
+                         f"(proximity_ignore={args.proximity_ignore or PROXIMITY_IGNORE}), mean over traces, top {TOP_K} "
+                         f"(all heads: {out / 'receiver_heads.csv'})")
     for trace, result, diag in results[: args.maps_in_report]:
+        result = replace(result, maps=result.maps.abs()) if result.rule == "signed" else result
         title = f"trace {trace.meta['trace_id']} (correct={trace.meta.get('correct')})"
         report.add_step_maps(result, title=title, view=args.view)
         report.add_step_maps(result, title=f"{title}: band means", view=args.view, bands=diag.bands)
+        found = receivers.get(trace.meta["trace_id"])
+        if found is not None:
+            report.add_figure(plot_receiver_heads(found.kurtosis, found.layers, found.step_scores(),
+                                                  found.step_labels, title=f"{title}: receiver heads"),
+                              caption="kurtosis of every head's vertical scores, and each step's receiver score "
+                                      f"(mean vertical score over the top {TOP_K} heads of this trace)")
     path = report.save(out / "report.html")
     if skipped:
         records = ", ".join(str(s["record"]) for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
@@ -125,10 +167,26 @@ def add_commands(sub) -> None:
     sal = sub.add_parser("saliency", help="Step-Saliency maps, diagnostics and an HTML report for traces")
     sal.add_argument("traces", help="JSONL/JSON file of records with 'question' and 'output'")
     add_model_args(sal)
-    sal.add_argument("--loss", choices=LOSSES, default="sequence")
+    sal.add_argument("--loss", choices=LOSSES, default="sequence",
+                     help="what is differentiated: a loss, or 'logit' (one logit: --target, default the "
+                          "answer's first token)")
+    sal.add_argument("--target", default=None, metavar="POSITION:TOKEN_ID",
+                     help="with --loss logit: the logit of TOKEN_ID read at POSITION (default: the answer's "
+                          "first token)")
+    sal.add_argument("--rule", choices=RULES, default="abs",
+                     help="per attention entry: abs |A x dL/dA| (the paper), signed A x dL/dA, grad |dL/dA|")
     sal.add_argument("--pool", choices=SALIENCY_POOLS, default="mean")
     sal.add_argument("--mode", choices=MODES, default="auto",
                      help="auto: tiled above 2048 tokens where the model allows it, else bounded")
+    sal.add_argument("--export", nargs="+", choices=("graphml", "step_importance"), default=[],
+                     help="also write each trace's maps as traceNNNN.graphml (networkx GraphML) and/or "
+                          "traceNNNN.step_importance.json (Thought Anchors' format, mean over layers)")
+    sal.add_argument("--receiver-heads", action="store_true",
+                     help="also rank Thought Anchors' receiver heads (kurtosis of vertical attention scores) per "
+                          "trace: traceNNNN.receiver_heads.csv, receiver_scores.csv, receiver_heads.csv, pictures")
+    sal.add_argument("--proximity-ignore", type=int, default=None, metavar="K",
+                     help=f"with --receiver-heads: a step's vertical score reads steps K or more after it "
+                          f"(default {PROXIMITY_IGNORE})")
     sal.add_argument("--max-tokens", type=int, default=None, help="refuse (or --truncate) longer traces")
     sal.add_argument("--truncate", action="store_true", help="cut traces to --max-tokens instead of refusing them")
     sal.add_argument("--limit", type=int, default=None, help="only the first N traces")

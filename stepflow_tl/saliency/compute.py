@@ -4,6 +4,8 @@ For layer ``l``, head ``h``, query token ``t`` and key token ``k``::
 
     I_l[t, k] = (1/H) * sum_h | A_lh[t, k] * dL/dA_lh[t, k] |
 
+(``rule="abs"``; ``"signed"`` drops the absolute value, ``"grad"`` pools ``|dL/dA|``, and
+``loss="logit"`` differentiates one logit instead of a loss: `stepflow_tl.saliency.rules`)
 and the step map ``M_l[i, j]`` pools ``I_l`` over the block of query step ``i`` and key
 step ``j`` (`stepflow_tl.traces.pooling`). Three ways to get the same maps:
 
@@ -39,6 +41,7 @@ from ..traces.trace import Trace
 from ..traces.pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
 from .losses import LossFn, LossInUnembedding, at_least_fp32, loss_target_positions, resolve_loss
 from .maps import StepSaliency
+from .rules import TargetSpec, attribution, check_rule, resolve_target
 from .tiled import TilePooler
 
 SALIENCY_POOLS = ("mean", "causal_mean")
@@ -51,7 +54,8 @@ class _LayerPooler:
     # Elements of the fp32 product |A * dL/dA| formed at once: 64 MB, whatever T is.
     PRODUCT_ELEMENTS = 1 << 24
 
-    def __init__(self, trace, layers, n_heads, pool, device):
+    def __init__(self, trace, layers, n_heads, pool, device, rule="abs"):
+        self.rule = rule
         steps = trace.token_steps.to(device)
         self.onehot = step_onehot(steps, trace.n_steps)
         self.counts = pair_counts(steps, trace.n_steps, pool).to(device)
@@ -84,7 +88,8 @@ class _LayerPooler:
         self._store(layer, sums if sums.shape[0] == n_heads else sums / n_heads)
 
     def add_product(self, layer: int, pattern: torch.Tensor, grad: torch.Tensor) -> None:
-        """Pool ``|pattern * grad|`` (both ``[1, head, q, k]``), formed in fp32 (float64 for float64 models).
+        """Pool the rule's value of ``pattern`` and ``grad`` (both ``[1, head, q, k]``; e.g.
+        ``|pattern * grad|``), formed in fp32 (float64 for float64 models).
 
         The product is made a block of query rows at a time: the whole layer's
         ``[head, T, T]`` product (and its float64 copy) would otherwise add two to
@@ -96,7 +101,7 @@ class _LayerPooler:
         sums = torch.zeros(n_heads, *self.counts.shape, dtype=torch.float64, device=pattern.device)
         for row in range(0, n_q, rows):
             block = slice(row, row + rows)
-            part = (at_least_fp32(pattern[:, block]) * at_least_fp32(grad[:, block])).abs_()
+            part = attribution(self.rule, at_least_fp32(pattern[:, block]), at_least_fp32(grad[:, block]))
             self._check_finite(layer, part)
             sums += block_sums(part, self.onehot[block], self.onehot)
         self._store(layer, sums)
@@ -124,6 +129,7 @@ def _check_inputs(model, trace, pool, pools, layers):
 def _make_result(trace, layers, pooler, *, n_model_layers, map_kind, pool, loss, per_head, meta=None):
     head_maps = pooler.head_maps
     return StepSaliency(
+        rule=pooler.rule if map_kind == "saliency" else "abs",
         maps=head_maps.mean(1),
         layers=list(layers),
         n_model_layers=n_model_layers,
@@ -198,12 +204,13 @@ class _BoundedGradients:
 class _TiledGradients:
     """Tiled mode: as bounded, but no pattern exists. Every layer's attention runs as
     `tl.attention.TiledAttention`, whose backward hands each recomputed tile of
-    |A * dL/dA| to that layer's `tiled.TilePooler`; backward stops at the lowest mapped block's input."""
+    A and dL/dA to that layer's `tiled.TilePooler`; backward stops at the lowest mapped block's input."""
 
     def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool):
         self.pooler, self.layers = pooler, layers
         self.target: Optional[torch.Tensor] = None
-        self.tiles = {layer: TilePooler(trace.token_steps, pooler.onehot, n_heads, per_head) for layer in layers}
+        self.tiles = {layer: TilePooler(trace.token_steps, pooler.onehot, n_heads, per_head, pooler.rule)
+                      for layer in layers}
 
     def hooks(self) -> list:
         return [(block_hook(self.layers[0], "resid_pre"), self._on_input)]
@@ -240,6 +247,8 @@ def step_saliency(
     interventions: Sequence = (),
     state: Optional[object] = None,
     loss_positions: Optional[Int[torch.Tensor, "n"]] = None,
+    rule: str = "abs",
+    target: TargetSpec = None,
 ) -> StepSaliency:
     """Step-Saliency maps of one trace.
 
@@ -248,7 +257,8 @@ def step_saliency(
         trace: a `stepflow_tl.Trace` tokenised with the model's tokenizer.
         loss: ``"sequence"`` (mean next-token cross-entropy over the whole trace, the
             authors' choice), ``"summary"`` (summary tokens only), ``"answer"`` (the final
-            answer's tokens) or ``fn(logits [1, pos, vocab], trace) -> scalar``.
+            answer's tokens), ``"logit"`` (no loss: the logit of ``target``, the
+            authors' other scalar) or ``fn(logits [1, pos, vocab], trace) -> scalar``.
         pool: ``"mean"`` (whole block, the paper) or ``"causal_mean"`` (pairs k <= t).
         layers: model layers to map (default all).
         per_head: also keep ``head_maps [layer, head, step_q, step_k]``.
@@ -267,6 +277,12 @@ def step_saliency(
         loss_positions: the positions a built-in ``loss`` scores
             (`stepflow_tl.saliency.losses.loss_target_positions`), when the caller resolved
             them already (the CLI does, to skip traces the loss cannot measure).
+        rule: what is pooled per attention entry (`stepflow_tl.saliency.rules`): ``"abs"``
+            ``|A * dL/dA|`` (the paper), ``"signed"`` ``A * dL/dA`` (maps may be negative),
+            ``"grad"`` ``|dL/dA|`` on the pairs with ``A > 0``.
+        target: with ``loss="logit"``: a `LogitTarget` or ``(position, token_id)``, the
+            logit ``logits[0, position, token_id]``; None or ``"answer"``: the answer's
+            first token, read at the position before it.
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
@@ -274,7 +290,10 @@ def step_saliency(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_rule(rule)
     a, layers = _check_inputs(model, trace, pool, SALIENCY_POOLS, layers)
+    if target is not None and loss != "logit":
+        raise StepflowError(f"target= is the logit of loss='logit'; loss={loss!r} takes no target")
     requested = mode
     interventions = list(interventions)
     if mode == "auto":
@@ -285,14 +304,19 @@ def step_saliency(
         # controls edit attention: the edits would be silently skipped.
         raise StepflowError("mode='tiled' cannot apply interventions (its attention runs without the "
                             "hook_attn_scores/hook_pattern they edit); use mode='bounded' or 'dense'")
-    positions = None
-    if not callable(loss):  # resolved once: the loss function and the block-wise loss share them
+    positions, logit = None, None
+    if loss == "logit":
+        answer = None
+        if target is None or target == "answer":
+            answer = loss_positions if loss_positions is not None else loss_target_positions(loss, trace)
+        logit = resolve_target(target, trace, int(model.cfg.d_vocab_out), answer)
+    elif not callable(loss):  # resolved once: the loss function and the block-wise loss share them
         positions = loss_positions if loss_positions is not None else loss_target_positions(loss, trace)
-    loss_name, loss_fn = resolve_loss(loss, trace, positions)
+    loss_name, loss_fn = resolve_loss(loss, trace, positions, logit)
     # Bounded and tiled modes never hold whole-sequence logits for a built-in loss; a
     # callable loss needs them, so it gets them.
     blockwise_loss = mode in ("bounded", "tiled") and not callable(loss)
-    pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device)
+    pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device, rule)
     tokens = trace.token_ids[None].to(a.device)
     if mode == "tiled":
         gradients = _TiledGradients(pooler, layers, trace, a.n_heads, per_head)
@@ -307,7 +331,7 @@ def step_saliency(
             stack.enter_context(context)
         if blockwise_loss:
             in_unembedding = stack.enter_context(
-                LossInUnembedding(model, trace.token_ids, positions)
+                LossInUnembedding(model, trace.token_ids, positions, logit)
             )
             value = in_unembedding.check_output(a.forward(tokens))
         else:
@@ -327,7 +351,8 @@ def step_saliency(
         trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
         loss=loss_name, per_head=per_head,
         meta={"mode": mode, **({"requested_mode": requested} if requested != mode else {}),
-              "loss_value": float(value.detach()), **_intervention_meta(interventions)},
+              "loss_value": float(value.detach()), **_intervention_meta(interventions),
+              **({"target": [logit.position, logit.token_id]} if logit is not None else {})},
     )
 
 
@@ -406,8 +431,10 @@ def step_saliency_from_cache(
     layers: Optional[Iterable[int]] = None,
     per_head: bool = False,
     loss: str = "from cache",
+    rule: str = "abs",
 ) -> StepSaliency:
-    """Step-Saliency from an ``ActivationCache`` with attention patterns and their gradients.
+    """Step-Saliency from an ``ActivationCache`` with attention patterns and their gradients
+    (``rule`` as in `step_saliency`).
 
     Make the cache with::
 
@@ -420,6 +447,7 @@ def step_saliency_from_cache(
     """
     if pool not in SALIENCY_POOLS:
         raise ValueError(f"pool must be one of {SALIENCY_POOLS}, got {pool!r}")
+    check_rule(rule)
     layers = _cache_layers(cache, layers)
     n_pos = trace.token_ids.shape[0]
     how = ("make the cache with model.run_with_cache(tokens, return_type='loss', incl_bwd=True) "
@@ -431,7 +459,7 @@ def step_saliency_from_cache(
     if missing:
         raise StepflowError(f"the cache lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}; {how}")
     pattern0 = _cache_tensor(cache, attn_hook(layers[0], "pattern"), n_pos, how)
-    pooler = _LayerPooler(trace, layers, pattern0.shape[1], pool, pattern0.device)
+    pooler = _LayerPooler(trace, layers, pattern0.shape[1], pool, pattern0.device, rule)
     for layer in layers:
         pattern = _cache_tensor(cache, attn_hook(layer, "pattern"), n_pos, how)
         grad = _cache_tensor(cache, attn_hook(layer, "pattern") + "_grad", n_pos, how)

@@ -1,6 +1,7 @@
-"""The losses Step-Saliency differentiates: built-in ones by name (``"sequence"``,
-``"summary"``, ``"answer"``) or a callable, and the block-wise form of a built-in loss
-that bounded mode computes inside the unembedding."""
+"""The scalars Step-Saliency differentiates: built-in losses by name (``"sequence"``,
+``"summary"``, ``"answer"``), one logit (``"logit"``, `rules.LogitTarget`) or a callable,
+and the block-wise form of a built-in one that bounded and tiled modes compute inside the
+unembedding."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from ..tl.adapter import TLModel
 from ..tl.hooks import shadow_forward
 from ..traces.formats import stated_answer_span
 from ..traces.trace import Trace
+from .rules import LogitTarget
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
-LOSSES = ("sequence", "summary", "answer")
+# "logit" is not a loss but the authors' other scalar: one logit, S = logits[position, token]
+LOSSES = ("sequence", "summary", "answer", "logit")
 
 
 def _token_positions(trace, kinds: Iterable[str]) -> torch.Tensor:
@@ -62,7 +65,8 @@ def _target_ce(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.T
 
 
 def loss_target_positions(loss: str, trace: Trace) -> Int[torch.Tensor, "n"]:
-    """Token positions whose prediction a built-in loss scores, ``[n]`` long."""
+    """Token positions whose prediction a built-in loss scores, ``[n]`` long (``"logit"``:
+    the answer's tokens, whose first one is the default logit target)."""
     if loss == "sequence":
         return torch.arange(1, trace.token_ids.shape[0])
     if loss == "summary":
@@ -70,18 +74,22 @@ def loss_target_positions(loss: str, trace: Trace) -> Int[torch.Tensor, "n"]:
         if positions.numel() == 0:
             raise StepflowError("loss='summary' needs a trace with summary tokens")
         return positions
-    if loss == "answer":
+    if loss in ("answer", "logit"):
         return answer_token_positions(trace)
-    raise ValueError(f"loss must be one of {LOSSES} or a callable(logits, trace), got {loss!r}")
+    raise StepflowError(f"loss must be one of {LOSSES} or a callable(logits, trace), got {loss!r}")
 
 
 def resolve_loss(
-    loss: Union[str, LossFn], trace: Trace, positions: Optional[Int[torch.Tensor, "n"]] = None
+    loss: Union[str, LossFn], trace: Trace, positions: Optional[Int[torch.Tensor, "n"]] = None,
+    logit: Optional[LogitTarget] = None,
 ) -> tuple:
     """``(name, fn(logits [1, pos, vocab]) -> scalar)`` for a loss spec; ``positions``: the
-    built-in loss's `loss_target_positions` when the caller has them already."""
+    built-in loss's `loss_target_positions` when the caller has them already; ``logit``: the
+    checked target of ``loss="logit"``."""
     if callable(loss):
         return getattr(loss, "__name__", "callable"), lambda logits: loss(logits, trace)
+    if loss == "logit":
+        return loss, lambda logits: at_least_fp32(logits[0, logit.position, logit.token_id])
     if positions is None:
         positions = loss_target_positions(loss, trace)
     return loss, lambda logits: _target_ce(logits, trace.token_ids, positions)
@@ -99,6 +107,9 @@ class LossInUnembedding:
     the forward and again in the backward), sums their cross-entropy into ``self.loss``
     and hands the model a zero-stride stand-in for the logits.
 
+    With ``logit`` (a `LogitTarget`) the scalar is that one logit instead, computed in the
+    block of positions that ends at its position.
+
     The loss is only right if nothing transforms the logits after the unembedding
     (soft-capping, a logit scale): `check_output` raises unless the model returned the
     stand-in untouched.
@@ -107,19 +118,25 @@ class LossInUnembedding:
     # Elements of one block's logits: 64 MB in fp32, whatever the vocabulary.
     LOGIT_ELEMENTS = 1 << 24
 
-    def __init__(self, model: TLModel, token_ids: torch.Tensor, positions: torch.Tensor):
-        positions = torch.unique(positions[positions > 0])  # sorted
-        if positions.numel() == 0:
-            raise StepflowError("the loss covers no predictable tokens")
+    def __init__(self, model: TLModel, token_ids: torch.Tensor, positions: Optional[torch.Tensor],
+                 logit: Optional[LogitTarget] = None):
         self.unembed = model.unembed
         self.vocab = int(model.cfg.d_vocab_out)
-        self.token_ids = token_ids
-        self.positions = positions
+        self.logit = logit
+        if logit is not None:
+            self.predicting = torch.tensor([logit.position])
+            self.targets = torch.tensor([logit.token_id])
+        else:
+            positions = torch.unique(positions[positions > 0])  # sorted
+            if positions.numel() == 0:
+                raise StepflowError("the loss covers no predictable tokens")
+            self.predicting = positions - 1
+            self.targets = token_ids[positions]
         self.loss: Optional[torch.Tensor] = None
         self.stand_in: Optional[torch.Tensor] = None
 
     def _block_losses(self, unembed, resid, args, kwargs) -> torch.Tensor:
-        """Mean cross-entropy over ``self.positions``, from ``resid [1, pos, d_model]``.
+        """Mean cross-entropy (or the logit) of ``self.predicting``, from ``resid [1, pos, d_model]``.
 
         Blocks are runs of consecutive positions, as long as the budget allows, even
         when the loss scores only a few of them (``loss="answer"``): a matrix product
@@ -128,11 +145,14 @@ class LossInUnembedding:
         of SmolLM2 with a 3-token answer), while blocks of hundreds of rows give the
         dense mode's numbers bit for bit in every case measured.
         """
-        predicting = (self.positions - 1).to(resid.device)
-        targets = self.token_ids.to(resid.device)[self.positions]
+        predicting = self.predicting.to(resid.device)
+        targets = self.targets.to(resid.device)
+        read_logit = self.logit is not None
 
         def block_sum(resid, start, stop, rows, block_targets):
             logits = at_least_fp32(unembed(resid[:, start:stop], *args, **kwargs)[0, rows])
+            if read_logit:
+                return logits.gather(-1, block_targets[:, None]).sum()
             return -torch.log_softmax(logits, dim=-1).gather(-1, block_targets[:, None]).sum()
 
         length = max(1, self.LOGIT_ELEMENTS // self.vocab)

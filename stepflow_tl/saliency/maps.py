@@ -20,6 +20,8 @@ from ..traces.formats import STEP_KINDS
 from ..viz.report import save_result_html
 from ..viz.stepmaps import StepMapsView, step_maps_view
 from .diagnostics import METRIC_LEGEND, Diagnostics, band_layers, diagnose
+from .graph import to_networkx, write_graphml, write_step_importance
+from .rules import RULES
 
 _FORMAT_VERSION = 1
 
@@ -38,9 +40,12 @@ class StepSaliency:
         layers: model layer index of each row of ``maps``.
         n_model_layers: layers in the model (the diagnostics' bands are fractions of it).
         step_kinds, step_labels: per step (``"question"``/``"thinking"``/``"summary"``).
-        map_kind: ``"saliency"`` (|A x dL/dA|) or ``"attention"`` (A).
+        map_kind: ``"saliency"`` (A and dL/dA, combined by ``rule``) or ``"attention"`` (A).
         pool: ``"mean"``, ``"causal_mean"`` (or ``"mass"`` for attention).
-        loss: the loss the gradient came from (``""`` for attention maps).
+        loss: the loss the gradient came from (``""`` for attention maps; ``"logit"``: one
+            logit, named in ``meta["target"]`` as ``[position, token_id]``).
+        rule: ``"abs"`` (|A x dL/dA|, the paper), ``"signed"`` (A x dL/dA: the only maps
+            that may be negative) or ``"grad"`` (|dL/dA| where A > 0); `stepflow_tl.saliency.rules`.
         head_maps: ``[layer, head, step_q, step_k]`` when asked for, else None.
         meta: JSON-safe details (model, trace id, label, ...).
     """
@@ -55,6 +60,7 @@ class StepSaliency:
     loss: str = "sequence"
     head_maps: Optional[HeadStepMaps] = None
     meta: Dict[str, Any] = field(default_factory=dict)
+    rule: str = "abs"
 
     @property
     def n_steps(self) -> int:
@@ -111,6 +117,7 @@ class StepSaliency:
             "map_kind": self.map_kind,
             "pool": self.pool,
             "loss": self.loss,
+            "rule": self.rule,
             "meta": self.meta,
         }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
@@ -158,7 +165,24 @@ class StepSaliency:
             loss=meta["loss"],
             head_maps=None if head_maps is None else torch.from_numpy(head_maps),
             meta=meta["meta"],
+            rule=meta.get("rule", "abs"),  # files from before rules existed hold |A x dL/dA|
         )
+
+    # ------------------------------------------------------------ export
+    def to_networkx(self, texts: Optional[List[str]] = None):
+        """A networkx ``DiGraph``: steps as nodes (kind, label, text), edges ``k -> q``
+        with per-layer, per-band and mean weights (`stepflow_tl.saliency.graph.to_networkx`)."""
+        return to_networkx(self, texts)
+
+    def save_graphml(self, path: Union[str, Path], texts: Optional[List[str]] = None) -> Path:
+        """`to_networkx` as a GraphML file (Gephi, Cytoscape, yEd, ...)."""
+        return write_graphml(self, path, texts)
+
+    def save_step_importance(self, path: Union[str, Path], texts: Optional[List[str]] = None,
+                             layers: Optional[List[int]] = None) -> Path:
+        """Thought Anchors' ``step_importance.json`` (importance of step i for a later step
+        j = ``M[j, i]``, mean over ``layers``; `stepflow_tl.saliency.graph.write_step_importance`)."""
+        return write_step_importance(self, path, texts, layers=layers)
 
     # ------------------------------------------------------------ analysis & display
     def diagnose(self, **kwargs: Any) -> Diagnostics:
@@ -192,8 +216,11 @@ def _check_loaded(path: Path, meta: dict, maps: np.ndarray, head_maps: Optional[
     if maps.dtype.kind != "f" or maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
         bad(f"maps must be a float [layer, step, step] array, got {maps.dtype} {maps.shape}")
     n_layers, n_steps = maps.shape[0], maps.shape[1]
-    if not np.isfinite(maps).all() or (maps < 0).any():
-        bad("maps hold NaN, infinite or negative values")
+    rule = meta.get("rule", "abs")
+    if rule not in RULES:
+        bad(f"rule must be one of {RULES}, got {rule!r}")
+    if not np.isfinite(maps).all() or (rule != "signed" and (maps < 0).any()):
+        bad("maps hold NaN, infinite or negative values (only rule='signed' maps may be negative)")
     layers, n_model = meta["layers"], meta["n_model_layers"]
     if not isinstance(n_model, int) or isinstance(n_model, bool) or n_model < 1:
         bad(f"n_model_layers must be a positive integer, got {n_model!r}")

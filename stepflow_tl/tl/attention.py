@@ -7,8 +7,9 @@ FlashAttention does, in tiles of query rows x keys:
   online softmax; only the output ``z`` and the row log-sum-exp are kept (``O(T d)``);
 - backward: each tile of ``A`` is recomputed from the rotated queries and keys and the
   row log-sum-exp, and the gradients of q, k, v follow FlashAttention's backward. The
-  tile's ``|A * dL/dA|`` (with ``dL/dA = dL/dz . V^T``) is handed to a callback, which
-  is how `stepflow_tl.saliency` pools Step-Saliency without the attention matrix.
+  tile's ``A`` and ``dL/dA`` (``dL/dz . V^T``, 0 on masked pairs) are handed to a
+  callback, which is how `stepflow_tl.saliency` pools Step-Saliency (any of its rules)
+  without the attention matrix.
 
 Tiles above the causal diagonal (and before a sliding window) are skipped, not
 masked. Grouped-query heads share their key/value head without copying: the query
@@ -36,7 +37,7 @@ from torch.autograd.function import FunctionCtx
 from ..errors import StepflowError
 from .adapter import TLModel, adapter
 
-TileFn = Callable[[slice, slice, torch.Tensor], None]
+TileFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Scores and softmax in fp32 at least (float64 models keep float64)."""
@@ -101,8 +102,9 @@ class TiledAttention(torch.autograd.Function):
         q: ``[n, g, T, d]``; k, v: ``[n, T, d]``;
         key_valid: ``[n, T]`` bool or None (False: padding, never attended);
         sinks: ``[n, g]`` sink logits (GPT-OSS) or None;
-        spec: `TileSpec`; on_tile: called in backward as ``on_tile(rows, cols, values)``
-        with ``values [n, g, q, k]`` = ``|A * dL/dA|`` of the tile, or None.
+        spec: `TileSpec`; on_tile: called in backward as ``on_tile(rows, cols, a, da)``
+        with the tile's ``A`` and ``dL/dA`` (``[n, g, q, k]``; ``dL/dA`` is 0 on masked
+        pairs, where ``A`` is 0 by construction), or None.
 
     Rows with no allowed key (left padding) give ``z = 0``.
     """
@@ -181,7 +183,9 @@ class TiledAttention(torch.autograd.Function):
             p = torch.exp(s - lse[:, :, q0:q1].reshape(n, g * rows)[..., None])
             dp = dob @ vb.transpose(-1, -2)
             if on_tile is not None:
-                on_tile(slice(q0, q1), slice(k0, k1), (p * dp).abs_().reshape(n, g, rows, k1 - k0))
+                shape = (n, g, rows, k1 - k0)
+                on_tile(slice(q0, q1), slice(k0, k1), p.reshape(shape),
+                        dp.masked_fill(torch.isneginf(s), 0.0).reshape(shape))
             ds = p * (dp - delta[:, :, q0:q1].reshape(n, g * rows)[..., None])
             dv[:, k0:k1] += p.transpose(-1, -2) @ dob
             dq[:, :, q0:q1] += (ds @ kb).reshape(n, g, rows, d) * spec.scale
@@ -225,8 +229,8 @@ def tiled_attention_heads(
             (query head ``h`` uses kv head ``h // (head / kv_head)``, as ``repeat_kv``).
         key_valid: ``[batch, pos]``, False on padding.
         sinks: ``[head]`` attention-sink logits, or None.
-        on_tile: receives ``(rows, cols, values [batch * kv_head, group, q, k])`` during
-            backward; ``values`` is ``|A * dL/dA|`` of the tile.
+        on_tile: receives ``(rows, cols, a, da)`` during backward: the tile's ``A`` and
+            ``dL/dA``, each ``[batch * kv_head, group, q, k]``.
     """
     b, h, T, d = q.shape
     kvh = k.shape[1]

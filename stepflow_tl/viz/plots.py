@@ -254,3 +254,45 @@ def plot_accuracy_by_difficulty(df: pd.DataFrame, *, title: str | None = None) -
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small")
     return fig
+
+
+def plot_receiver_heads(
+    kurtosis: Any,
+    layers: Sequence[int],
+    step_scores: Any,
+    labels: Sequence[str] | None = None,
+    *,
+    importance: Any = None,
+    importance_label: str = "resampling importance",
+    title: str | None = None,
+) -> Figure:
+    """Receiver heads of one trace: the kurtosis of every (layer, head) as a heatmap, and
+    each step's receiver score (mean vertical score over the top heads) as bars; with
+    ``importance`` (one value per step, NaN where not measured) a second bar panel beside
+    it, so the cheap signal and the causal one read side by side."""
+    k = _to_numpy(kurtosis, "kurtosis")
+    scores = _to_numpy(step_scores, "step_scores")
+    if k.ndim != 2 or k.shape[0] != len(layers):
+        raise StepflowError(f"kurtosis must be [layer, head] with one row per layer, got {tuple(k.shape)}")
+    axis_labels = step_axis_labels(labels, None, scores.shape[0])
+    panels = 3 if importance is not None else 2
+    fig = _new_figure(5.0 * panels, max(3.5, 0.12 * len(layers) + 2.5))
+    axes = fig.subplots(1, panels)
+    im = axes[0].imshow(np.where(np.isfinite(k), k, np.nan), aspect="auto", cmap="viridis", interpolation="nearest")
+    axes[0].set_xlabel("head")
+    axes[0].set_ylabel("layer")
+    step = max(1, len(layers) // 12)
+    axes[0].set_yticks(np.arange(0, len(layers), step), [str(l) for l in layers][::step])
+    axes[0].set_title("kurtosis of vertical scores")
+    fig.colorbar(im, ax=axes[0], shrink=0.8)
+    bars = [(axes[1], scores, "receiver score (top heads)")]
+    if importance is not None:
+        bars.append((axes[2], _to_numpy(importance, "importance"), importance_label))
+    for ax, values, name in bars:
+        xs = np.arange(len(values))
+        ax.bar(xs, np.nan_to_num(values, nan=0.0), color="tab:blue" if ax is axes[1] else "tab:orange")
+        ax.set_xticks(xs, axis_labels, rotation=90, fontsize=7)
+        ax.set_title(name)
+    if title:
+        fig.suptitle(title)
+    return fig
