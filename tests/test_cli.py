@@ -34,7 +34,7 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "stepflow_tl", "--help"], capture_output=True, text=True,
                           env=env, cwd=root, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "{info,saliency,generate,eval,ablate,demo,validate}" in done.stdout
+    assert "{info,saliency,generate,eval,ablate,demo,validate,resample}" in done.stdout
 
 
 def test_info_prints_the_model(capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analysis, generation, study, validation
+from . import analysis, generation, resampling, study, validation
 from .common import run_command
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_commands(sub)
     study.add_commands(sub)
     validation.add_commands(sub)
+    resampling.add_commands(sub)
     return parser
 
 

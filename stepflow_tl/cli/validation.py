@@ -32,6 +32,13 @@ def add_validate_arguments(parser) -> None:
     parser.add_argument("--mode", choices=("dense", "bounded"), default="bounded")
     parser.add_argument("--n-boot", type=int, default=10000)
     parser.add_argument("--maps-in-report", type=int, default=3)
+    parser.add_argument("--resampling", type=int, default=0, metavar="N",
+                        help="also measure Thought Anchors' resampling importance (N >= 2 continuations per prefix, "
+                             "graded against each record's 'gold') and how Step-Saliency, receiver heads and "
+                             "knockout agree with it (slow: (thinking steps + 1) x N generations per trace)")
+    parser.add_argument("--resampling-tokens", type=int, default=128, help="token budget of each continuation")
+    parser.add_argument("--resampling-kind", choices=("math", "integer", "choice"), default="math",
+                        help="how the gold of the records is graded")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -59,7 +66,8 @@ def run_validate_cli(args) -> int:
     config = ValidationConfig(conditions=args.conditions,
                               max_key_steps=None if args.max_key_steps < 0 else args.max_key_steps,
                               knockout_bands=args.knockout_bands, seed=args.seed, loss=args.loss, mode=args.mode,
-                              n_boot=args.n_boot, maps_in_report=args.maps_in_report)
+                              n_boot=args.n_boot, maps_in_report=args.maps_in_report, resampling=args.resampling,
+                              resampling_tokens=args.resampling_tokens, resampling_kind=args.resampling_kind)
     result = validate(model, traces, args.out, config=config, progress=not args.no_progress, **settings)
     if not state or state.is_main_process:
         paths = result.to_csv()

@@ -11,7 +11,12 @@ Per trace, read teacher-forced (`validate_trace`):
   attend to step j) and the Spearman correlation, over pairs j < i, of E with the
   saliency maps (per layer and per band), with plain step attention and with the
   distance-only map 1 / (i - j);
-- the baseline maps, for correct vs incorrect groups.
+- the baseline maps, for correct vs incorrect groups;
+- with ``resampling=N``: Thought Anchors' resampling importance of each thinking step
+  (`stepflow_tl.study.resampling`, N continuations per prefix, graded against the
+  trace's ``gold``) and the Spearman correlation, over thinking steps, of three cheap
+  signals with it: Step-Saliency (how much later steps draw on the step, all layers),
+  the receiver-head score, and the step-knockout effect on later steps.
 
 `validate` streams one JSON line per trace to a resumable results file (sharded
 under ``accelerate launch`` like `stepflow_tl.study.evaluate`); `ValidationResult`
@@ -52,7 +57,10 @@ from ..traces.hookpoints import attach_trace, step_pattern_name
 from ..traces.records import json_lines
 from ..traces.trace import Trace
 from ..viz import Report
+from ..saliency.receivers import receiver_heads
 from .conditions import CONDITIONS, describe, resolve_conditions
+from .problems import Problem
+from .resampling import outgoing, resampling_importance, signal_agreement
 from .results import _merged_records, _truncate_partial_line, check_config, replace_with_merged, shard_path, shards
 from .run import distributed_state
 
@@ -216,6 +224,9 @@ class ValidationConfig:
         loss, mode: of `step_saliency`.
         n_boot: bootstrap resamples of every interval.
         maps_in_report: traces whose maps under every condition are kept for the report.
+        resampling: continuations per prefix for the resampling importance (0: off; else
+            at least 2); resampling_tokens: their token budget; resampling_kind: how the
+            trace's ``gold`` is graded (``"math"``, ``"integer"``, ``"choice"``).
     """
 
     conditions: Sequence[str] = VALIDATION_CONDITIONS
@@ -226,6 +237,9 @@ class ValidationConfig:
     mode: str = "bounded"
     n_boot: int = 10000
     maps_in_report: int = 3
+    resampling: int = 0
+    resampling_tokens: int = 128
+    resampling_kind: str = "math"
 
     def __post_init__(self):
         if isinstance(self.conditions, str):
@@ -236,6 +250,8 @@ class ValidationConfig:
         resolve_conditions(self.conditions)  # unknown names fail here
         if self.max_key_steps is not None and int(self.max_key_steps) < 0:
             raise StepflowError(f"max_key_steps must be >= 0 or None, got {self.max_key_steps}")
+        if self.resampling != 0 and self.resampling < 2:
+            raise StepflowError(f"resampling must be 0 (off) or >= 2 continuations per prefix, got {self.resampling}")
 
 
 def _maps_path(directory: Path, index: int, condition: str) -> Path:
@@ -290,8 +306,45 @@ def validate_trace(model: TLModel, trace: Trace, index: int, config: ValidationC
         rho["distance|all|all"] = _num(agreement(distance_map(trace.n_steps), knock["all"].effects))
         effects = {k: _matrix(v.effects) for k, v in knock.items()}
         record["clean_step_loss"] = [_num(v) for v in knock["all"].clean_step_loss.tolist()]
+    if config.resampling:
+        record["resampling"], resampled_rho = _resampling(model, trace, index, config, baseline,
+                                                          knock["all"] if key_steps else None, maps_dir, progress)
+        rho.update(resampled_rho)
     record.update(key_steps=key_steps, rho=rho, effects=effects, wall_s=time.perf_counter() - t0)
     return record
+
+
+def _resampling(model, trace, index, config, baseline, knock, maps_dir, progress) -> tuple:
+    """Resampling importance of the thinking steps and its agreement with the cheap signals."""
+    gold = trace.meta.get("gold", trace.meta.get("answer"))
+    if gold in (None, ""):
+        raise StepflowError(f"trace {index} has no 'gold' (or 'answer'): resampling grades continuations against it; "
+                            "use traces with a gold answer or turn resampling off")
+    if progress is not None:
+        progress.set_postfix_str(f"trace {index}: resampling")
+    question = "\n\n".join(trace.steps[i].text for i in trace.question_steps)
+    problem = Problem(id=str(trace.meta.get("trace_id", index)), question=question, answer=str(gold),
+                      kind=config.resampling_kind)
+    path = None if maps_dir is None else Path(maps_dir) / "resampling" / f"trace{index:04d}.jsonl"
+    found = resampling_importance(model, trace, problem, n_samples=config.resampling,
+                                  max_new_tokens=config.resampling_tokens, seed=row_seed(config.seed, index),
+                                  results_path=path)
+    steps = [int(s) for s in found.steps["step"]]
+    signals = {"saliency": outgoing(baseline.maps.mean(0).numpy(), steps)}
+    try:
+        receivers = receiver_heads(model, trace)
+        scores = dict(zip(receivers.steps, receivers.step_scores()))
+        signals["receiver"] = np.array([scores.get(s, np.nan) for s in steps], dtype=np.float64)
+    except StepflowError:  # too few steps for the proximity window: no receiver scores
+        signals["receiver"] = np.full(len(steps), np.nan)
+    if knock is not None:
+        signals["knockout"] = outgoing(knock.effects.numpy(), steps)
+    importance = {"accuracy": np.abs(found.importance("importance_accuracy")),
+                  "kl": found.importance("importance_kl")}
+    summary = {"steps": steps, **{f"importance_{k}": [_num(v) for v in found.importance(f"importance_{k}")]
+                                  for k in ("accuracy", "kl")},
+               **{f"signal_{k}": [_num(v) for v in v_] for k, v_ in signals.items()}}
+    return summary, signal_agreement(signals, importance)
 
 
 def _num(v) -> Optional[float]:
@@ -373,6 +426,9 @@ def run_config(model: TLModel, traces: Sequence[Trace], config: ValidationConfig
         "conditions": {n: [describe(iv) for iv in ivs] for n, ivs in resolve_conditions(config.conditions).items()},
         "max_key_steps": config.max_key_steps, "knockout_bands": config.knockout_bands, "seed": config.seed,
         "loss": config.loss, "mode": config.mode, "maps_in_report": config.maps_in_report, **settings,
+        # only when on, so results files from before resampling existed still resume
+        **({"resampling": config.resampling, "resampling_tokens": config.resampling_tokens,
+            "resampling_kind": config.resampling_kind} if config.resampling else {}),
     }
 
 
@@ -547,7 +603,7 @@ def agreement_table(records: Sequence[dict], *, n_boot: int = 10000, seed: int =
     frame = pd.DataFrame(rows, columns=cols)
     order = {"all": 0, **{b: i + 1 for i, b in enumerate(BANDS)}}
     frame["_band"] = frame["band"].map(lambda b: order.get(b, 10 + int(b[1:]) if b.startswith("L") else 99))
-    frame["_map"] = frame["map"].map({m: i for i, m in enumerate(MAPS)})
+    frame["_map"] = frame["map"].map({m: i for i, m in enumerate(MAPS + ("receiver", "knockout"))})
     return frame.sort_values(["_map", "knockout", "_band"], kind="stable").drop(columns=["_band", "_map"]) \
         .reset_index(drop=True)
 
@@ -586,7 +642,9 @@ class ValidationResult:
                          f"{row.advantage:+.4g} [{row.ci_low:+.4g}, {row.ci_high:+.4g}], p_holm={row.p_holm:.3g} "
                          f"(n={row.n})")
         for row in self.agreement[self.agreement["band"] == "all"].itertuples(index=False):
-            lines.append(f"agreement {row.map} (all layers) vs knockout {row.knockout}: rho {row.rho_mean:+.3f} "
+            against = (f"resampling importance ({row.knockout[len('resampling_'):]})"
+                       if row.knockout.startswith("resampling_") else f"knockout {row.knockout}")
+            lines.append(f"agreement {row.map} (all layers) vs {against}: rho {row.rho_mean:+.3f} "
                          f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] over {row.n_traces} traces")
         return "\n".join(lines)
 
