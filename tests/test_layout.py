@@ -24,9 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stepflow_tl"
-# Bottom to top; a layer may import the layers before it. errors and stats are the base.
+# Bottom to top; a layer may import the layers before it. checks, errors and stats are the base.
 LAYERS = ("base", "tl", "traces", "viz", "saliency", "interventions", "engines", "study", "cli")
-BASE_MODULES = {"errors", "stats"}
+BASE_MODULES = {"checks", "errors", "stats"}
 FACADE = {"stepflow_tl", "stepflow_tl.__main__"}
 
 

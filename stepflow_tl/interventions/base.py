@@ -11,7 +11,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from ..errors import StepflowError, check_int
+from ..checks import check_int
+from ..errors import StepflowError
 from ..saliency.diagnostics import band_layers
 from ..tl.adapter import TLModel, adapter
 from ..tl.hooks import temporary_hooks

@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from jaxtyping import Bool, Float, Int
 
-from ..errors import StepflowError, check_bool, check_int, check_real
+from ..checks import check_bool, check_int, check_real
+from ..errors import StepflowError
 from ..tl.adapter import adapter, attn_hook
 from .base import (
     Intervention,

@@ -17,7 +17,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import pandas as pd
 import torch
 
-from ..errors import StepflowError, check_int, check_real
+from ..checks import check_int, check_real
+from ..errors import StepflowError
 from ..tl.adapter import TLModel, Tokenizer, adapter, pad_token_ids, tokenizer_of
 from ..tl.attention import fused_attention
 from ..traces.formats import QUESTION_TYPE, conversation, decode, find_question, render_prompt, resolve_format, resolve_split
@@ -272,6 +273,17 @@ def generate(
     texts, qtexts, ids, budgets, seeds, stop = batch.texts, batch.questions, batch.ids, batch.budgets, batch.seeds, batch.stop
     fmt, split = batch.format, batch.split
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if a.n_ctx:
+        # Checked before generating: a budget past the context would otherwise run to the
+        # end of the context (minutes on a large model) and only then fail.
+        over = [i for i in range(len(ids)) if len(ids[i]) + budgets[i] > a.n_ctx]
+        if over:
+            i = over[0]
+            raise StepflowError(
+                f"prompt {i} has {len(ids[i])} tokens and max_new_tokens={budgets[i]}: {len(ids[i]) + budgets[i]} "
+                f"tokens, more than the model's context of {a.n_ctx}"
+                f"{f' ({len(over)} prompts are over)' if len(over) > 1 else ''}; lower max_new_tokens to at most "
+                f"{max(a.n_ctx - len(ids[i]), 0)} or shorten the prompt")
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     longest_stop = max((len(x) for x in stop), default=0)
     interventions = list(interventions)

@@ -8,7 +8,8 @@ from typing import Callable, Dict, Optional
 import torch
 from jaxtyping import Float, Int
 
-from ..errors import StepflowError, check_bool, check_int, check_real
+from ..checks import check_bool, check_int, check_real
+from ..errors import StepflowError
 from ..tl.adapter import TLModel, adapter, attn_hook
 from .base import (
     Intervention, InterventionRun, LayerSpec, PerStateCache, check_layer_spec, hash_normal, resolve_layers,

@@ -38,7 +38,7 @@ from ..tl.adapter import TLModel, adapter, attn_hook, block_hook
 from ..tl.attention import TiledAttentionScope, tiled_unsupported_reason
 from ..tl.hooks import PermanentHooks, checkpointed_blocks, layer_of
 from ..traces.trace import Trace
-from ..traces.pooling import POOLS, block_sums, normalise_blocks, pair_counts, step_onehot
+from ..traces.pooling import POOLS, block_sums, check_token_steps, normalise_blocks, pair_counts, step_onehot
 from .losses import LossFn, LossInUnembedding, at_least_fp32, loss_target_positions, resolve_loss
 from .maps import StepSaliency
 from .rules import TargetSpec, attribution, check_rule, resolve_target
@@ -109,8 +109,12 @@ class _LayerPooler:
 
 def _check_inputs(model, trace, pool, pools, layers):
     if pool not in pools:
-        raise ValueError(f"pool must be one of {pools}, got {pool!r}")
+        raise StepflowError(f"pool must be one of {pools}, got {pool!r}")
     trace.check_tokenizer(model)
+    if trace.token_steps.shape != trace.token_ids.shape:
+        raise StepflowError(f"trace.token_steps has shape {tuple(trace.token_steps.shape)}, token_ids "
+                            f"{tuple(trace.token_ids.shape)}; one step index per token is needed (rebuild the trace)")
+    check_token_steps(trace.token_steps, trace.n_steps, "trace.token_steps")
     a = adapter(model)
     if a.n_ctx and trace.token_ids.shape[0] > a.n_ctx:
         raise StepflowError(
@@ -122,7 +126,7 @@ def _check_inputs(model, trace, pool, pools, layers):
         )
     layers = a.check_layers(range(a.n_layers) if layers is None else layers)
     if not layers:
-        raise ValueError("layers is empty")
+        raise StepflowError("layers is empty")
     return a, sorted(set(layers))
 
 
@@ -289,7 +293,7 @@ def step_saliency(
         ``|A * dL/dA|`` are formed in fp32 for fp16/bf16/fp32 models, float64 for float64 ones).
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise StepflowError(f"mode must be one of {MODES}, got {mode!r}")
     check_rule(rule)
     a, layers = _check_inputs(model, trace, pool, SALIENCY_POOLS, layers)
     if target is not None and loss != "logit":
@@ -446,7 +450,7 @@ def step_saliency_from_cache(
     ``return_type="loss"`` is TL's mean next-token cross-entropy, i.e. ``loss="sequence"``.
     """
     if pool not in SALIENCY_POOLS:
-        raise ValueError(f"pool must be one of {SALIENCY_POOLS}, got {pool!r}")
+        raise StepflowError(f"pool must be one of {SALIENCY_POOLS}, got {pool!r}")
     check_rule(rule)
     layers = _cache_layers(cache, layers)
     n_pos = trace.token_ids.shape[0]
@@ -494,7 +498,7 @@ def step_attention(
         `StepSaliency` with ``map_kind="attention"``.
     """
     if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise StepflowError(f"pool must be one of {POOLS}, got {pool!r}")
     n_pos = trace.token_ids.shape[0]
     if hasattr(model_or_cache, "hook_dict"):
         model = model_or_cache

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
-from ..errors import StepflowError, check_int
+from ..checks import check_int
+from ..errors import StepflowError
 from ..tl.models import load_model
 from .conditions import CONDITIONS
 from .problems import builtin_suite

@@ -22,7 +22,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import pandas as pd
 
-from ..errors import StepflowError, check_int
+from ..checks import check_int
+from ..errors import StepflowError
 from ..traces.records import read_json_records, read_text
 
 KINDS = ("math", "choice", "integer")

@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import pandas as pd
 
-from ..errors import StepflowError, check_int, check_real
+from ..checks import check_int, check_real
+from ..errors import StepflowError
 from ..interventions.generate import generate, seed_for_rows
 from ..saliency.graph import step_importance_records
 from ..stats import spearman

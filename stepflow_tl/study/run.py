@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..checks import check_bool, check_int, check_real
 from ..engines.vllm import VLLMEngine
-from ..errors import StepflowError, check_bool, check_int, check_real
+from ..errors import StepflowError
 from ..interventions.generate import generate, row_seed, seed_for_rows
 from ..saliency.compute import step_saliency
 from ..saliency.losses import LOSSES

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Protocol, Sequence, Tuple, Union, runtime_check
 import torch
 from jaxtyping import Int
 
-from ..errors import StepflowError, UnsupportedModelError, check_int
+from ..checks import check_int
+from ..errors import StepflowError, UnsupportedModelError
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, StepflowError
 from .adapter import TLModel, adapter
 
 # Precisions by name, as the command line and the examples spell them.
@@ -278,16 +278,16 @@ def load_model(
             backend that this TransformerLens version does not have.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'bridge' or 'hooked', got {backend!r}")
+        raise StepflowError(f"backend must be 'bridge' or 'hooked', got {backend!r}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+            raise StepflowError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     multi_device = device_map is not None or n_devices is not None
     if multi_device and device is not None:
-        raise ValueError("pass either device or device_map/n_devices, not both")
+        raise StepflowError("pass either device or device_map/n_devices, not both")
     if multi_device and backend == "hooked":
-        raise ValueError("device_map/n_devices need backend='bridge'")
+        raise StepflowError("device_map/n_devices need backend='bridge'")
     place = {"device_map": device_map, "n_devices": n_devices}
     if device is None and not multi_device:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,12 +24,30 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 
+from ..errors import StepflowError
+
 Pool = Literal["mean", "causal_mean", "mass"]
 POOLS = ("mean", "causal_mean", "mass")
 
 
+def check_token_steps(token_steps, n_steps: int, name: str = "token_steps") -> None:
+    """Raise `StepflowError` unless ``token_steps`` is a 1-d integer tensor of step
+    indices in ``[-1, n_steps)`` (-1: markup)."""
+    if not isinstance(token_steps, torch.Tensor) or token_steps.dim() != 1 or token_steps.dtype.is_floating_point:
+        raise StepflowError(f"{name} must be a 1-d integer tensor (one step index per token), got "
+                            f"{getattr(token_steps, 'shape', type(token_steps).__name__)}")
+    if token_steps.numel():
+        low, high = int(token_steps.min()), int(token_steps.max())
+        if low < -1 or high >= n_steps:
+            bad = low if low < -1 else high
+            raise StepflowError(f"{name} holds step {bad}, outside 0..{n_steps - 1} (n_steps={n_steps}; -1 marks "
+                                "markup); give every token a step below n_steps (build traces with "
+                                "Trace.from_text/from_ids rather than editing them)")
+
+
 def step_onehot(token_steps: Int[torch.Tensor, "pos"], n_steps: int, dtype=torch.float64) -> Float[torch.Tensor, "pos step"]:
     """``[pos, step]`` indicator matrix; rows of markup tokens (step -1) are zero."""
+    check_token_steps(token_steps, n_steps)
     token_steps = token_steps.long()
     onehot = torch.zeros(token_steps.shape[0], n_steps, dtype=dtype, device=token_steps.device)
     inside = token_steps >= 0
@@ -81,7 +99,7 @@ def pair_counts(token_steps: Int[torch.Tensor, "pos"], n_steps: int, pool: Pool)
     if pool == "causal_mean":
         # keys of step j at or before position t, summed over t in step i
         return onehot.T @ torch.cumsum(onehot, dim=0)
-    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    raise StepflowError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
 def normalise_blocks(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -108,9 +126,9 @@ def pool_to_steps(
         ``[..., step_q, step_k]`` float64.
     """
     if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise StepflowError(f"pool must be one of {POOLS}, got {pool!r}")
     if x.shape[-1] != x.shape[-2] or x.shape[-1] != token_steps.shape[0]:
-        raise ValueError(
+        raise StepflowError(
             f"expected x of shape [..., {token_steps.shape[0]}, {token_steps.shape[0]}] "
             f"to match token_steps, got {tuple(x.shape)}"
         )

@@ -48,8 +48,12 @@ def read_json_records(path: Path, error: Type[StepflowError] = StepflowError) ->
 
 def json_lines(text: str, path, error: Type[StepflowError] = StepflowError) -> Iterator[Tuple[int, Any]]:
     """``(line number, value)`` of each non-blank line of the JSON Lines ``text`` read
-    from ``path``; ``error`` names the file and line of the first invalid one."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    from ``path``; ``error`` names the file and line of the first invalid one.
+
+    Lines end at ``\n`` only (a ``\r`` before it is whitespace to JSON):
+    `str.splitlines` would also cut at U+2028, U+2029, ``\x1c``-``\x1e`` or ``\x85``,
+    which JSON allows raw inside a string."""
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

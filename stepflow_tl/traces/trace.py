@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from jaxtyping import Int
 
-from ..errors import TraceError
+from ..errors import StepflowError, TraceError
 from ..tl.adapter import tokenizer_of
 from .formats import (
     FORMAT_CHOICES,
@@ -56,6 +56,7 @@ from .formats import (
     token_labels,
     token_starts,
 )
+from .pooling import check_token_steps
 from .records import read_json_records
 
 _FINGERPRINT_PROBE = f"Hello world!\n\n{THINK_OPEN} 12345 \u00e9t\u00e9 \u4e16\u754c \u2211 \U0001F600"
@@ -105,6 +106,24 @@ class Trace:
     meta: Dict[str, Any] = field(default_factory=dict)
     token_offsets: Optional[Int[torch.Tensor, "pos 2"]] = None  # character span of each token in text
 
+    def __post_init__(self):
+        # A hand-built or edited trace fails here, naming the field, not as an
+        # IndexError or a shape mismatch deep inside a forward pass.
+        ids = self.token_ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TraceError(f"token_ids must be a 1-d integer tensor, got "
+                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        if ids.numel() and int(ids.min()) < 0:
+            raise TraceError(f"token_ids holds the negative id {int(ids.min())}; token ids are >= 0")
+        steps = self.token_steps
+        if not isinstance(steps, torch.Tensor) or tuple(steps.shape) != tuple(ids.shape):
+            raise TraceError(f"token_steps must have one step index per token ({ids.shape[0]}), got shape "
+                             f"{tuple(getattr(steps, 'shape', ()))}")
+        try:
+            check_token_steps(steps, len(self.steps))
+        except StepflowError as e:
+            raise TraceError(str(e)) from None
+
     # ---- views
     @property
     def n_steps(self) -> int:
@@ -151,13 +170,17 @@ class Trace:
         return [t for t, s in enumerate(self.token_steps.tolist()) if s in idx]
 
     def check_tokenizer(self, model_or_tok) -> None:
-        """Raise :class:`TraceError` if ``model_or_tok`` tokenises differently."""
+        """Raise :class:`TraceError` if ``model_or_tok`` tokenises differently, or if a
+        token id lies outside its vocabulary (an edited ``token_ids``)."""
         fp = tokenizer_fingerprint(model_or_tok)
         if fp != self.tokenizer_fingerprint:
             raise TraceError(
                 f"this trace was tokenised by another tokenizer (fingerprint {self.tokenizer_fingerprint}, "
                 f"the given one has {fp}); rebuild it with Trace.from_text/from_parts for this model"
             )
+        tok = tokenizer_of(model_or_tok)
+        if self.n_tokens and int(self.token_ids.max()) >= len(tok):
+            _check_vocabulary(self.token_ids.tolist(), tok, "trace.token_ids")
 
     # ---- serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -265,7 +288,10 @@ class Trace:
         prompt_ids = _check_ids(prompt_ids, "prompt_ids")
         if not prompt_ids:
             raise TraceError("prompt_ids is empty; the prompt must hold the question")
-        ids = prompt_ids + _check_ids(output_ids, "output_ids")
+        output_ids = _check_ids(output_ids, "output_ids")
+        _check_vocabulary(prompt_ids, tok, "prompt_ids")
+        _check_vocabulary(output_ids, tok, "output_ids")
+        ids = prompt_ids + output_ids
         text, offsets = decode_with_offsets(tok, ids)
         boundary = offsets[len(prompt_ids)][0] if len(ids) > len(prompt_ids) else len(text)
         return cls._segment(model_or_tok, text[:boundary], text[boundary:], ids, offsets, format,
@@ -378,6 +404,16 @@ class Trace:
 def _check_str(value, name: str, optional: bool = False) -> None:
     if not (isinstance(value, str) or (optional and value is None)):
         raise TraceError(f"{name} must be a str{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def _check_vocabulary(ids: List[int], tok, name: str) -> None:
+    """Raise naming ``name`` when an id is not one of ``tok``'s token ids."""
+    size = len(tok)
+    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < size]
+    if bad:
+        i, t = bad[0]
+        raise TraceError(f"{name}[{i}] = {t} is not a token id of this tokenizer (its vocabulary is 0..{size - 1}"
+                         f"{f'; {len(bad)} ids are outside it' if len(bad) > 1 else ''}); use ids the tokenizer made")
 
 
 def _check_ids(ids, name: str) -> List[int]:
