@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import StepflowError
 from ..saliency import Diagnostics, StepSaliency, compare, diagnose, step_saliency
+from ..saliency.diagnostics import HIGH_ACCURACY, LOW_ACCURACY, compare_by_accuracy
 from ..saliency.compute import MODES, SALIENCY_POOLS
 from ..saliency.diagnostics import HEADLINE_HEADERS
 from ..saliency.losses import LOSSES, loss_target_positions
@@ -18,6 +19,7 @@ from ..saliency.receivers import PROXIMITY_IGNORE, TOP_K, mean_kurtosis, receive
 from ..saliency.rules import RULES, parse_target
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
 from ..traces import load_traces
+from ..traces.formats import SPLIT_CHOICES
 from ..viz import DEFAULT_VIEW, VIEWS, Report, plot_receiver_heads
 from .common import add_model_args, launch_state, load_from_args, prepare_out, refuse_unused
 
@@ -56,7 +58,8 @@ def cmd_saliency(args) -> int:
     rank = state.process_index if state else 0
     out = prepare_out(args.out)
     model = load_from_args(args)
-    traces = load_traces(args.traces, model, max_tokens=args.max_tokens, truncate=args.truncate)
+    traces = load_traces(args.traces, model, max_tokens=args.max_tokens, truncate=args.truncate,
+                         split=args.split, split_summary=args.split_summary)
     if not traces:
         raise StepflowError(f"{args.traces} holds no trace records; expected JSON Lines (or JSON) records with "
                             "'question' and 'output'")
@@ -129,6 +132,14 @@ def cmd_saliency(args) -> int:
         comparison.to_csv(out / "compare.csv", index=False)
         bands = comparison[comparison["level"] == "band"].drop(columns=["level", "layer"])
         report.add_table(bands, caption="Correct vs incorrect, per band")
+    # the authors' other split: traces of problems the model solves often vs rarely
+    rated = [(t.meta["accuracy"], d) for t, _, d in results if isinstance(t.meta.get("accuracy"), (int, float))]
+    if (sum(a >= HIGH_ACCURACY for a, _ in rated) >= 2 and sum(a <= LOW_ACCURACY for a, _ in rated) >= 2):
+        by_accuracy = compare_by_accuracy([d for _, d in rated], [a for a, _ in rated])
+        by_accuracy.to_csv(out / "compare_accuracy.csv", index=False)
+        report.add_table(by_accuracy[by_accuracy["level"] == "band"].drop(columns=["level", "layer"]),
+                         caption=f"Problems solved >= {HIGH_ACCURACY:.0%} vs <= {LOW_ACCURACY:.0%} of the time "
+                                 "(the records' 'accuracy'), per band")
     if receivers:
         ranking = mean_kurtosis(list(receivers.values()))
         ranking.to_csv(out / "receiver_heads.csv", index=False)
@@ -178,6 +189,11 @@ def add_commands(sub) -> None:
     sal.add_argument("--pool", choices=SALIENCY_POOLS, default="mean")
     sal.add_argument("--mode", choices=MODES, default="auto",
                      help="auto: tiled above 2048 tokens where the model allows it, else bounded")
+    sal.add_argument("--split", choices=SPLIT_CHOICES, default="blank_lines",
+                     help="how the thinking is cut into steps (default blank_lines; sentences_min15: sentences, one under 15 characters "
+                          "joined to the next, as the authors do)")
+    sal.add_argument("--split-summary", action="store_true",
+                     help="also split the summary into steps (the authors' convention; default: the summary is one step)")
     sal.add_argument("--export", nargs="+", choices=("graphml", "step_importance"), default=[],
                      help="also write each trace's maps as traceNNNN.graphml (networkx GraphML) and/or "
                           "traceNNNN.step_importance.json (Thought Anchors' format, mean over layers)")

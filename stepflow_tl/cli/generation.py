@@ -7,7 +7,7 @@ import json
 from ..errors import StepflowError
 from ..interventions import OddsEqualBridge, StepFlow, StepMomentum, generate, resolve_layers
 from ..interventions.base import layer_indices
-from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
+from ..traces.formats import FORMAT_CHOICES, REASONING_EFFORTS, SPLIT_CHOICES
 from .common import (
     SAMPLING_DEFAULTS, add_engine_arg, add_model_args, check_engine_args, load_from_args, parse_layers, refuse_unused,
 )
@@ -45,11 +45,20 @@ def cmd_generate(args) -> int:
     if not args.sample:
         refuse_unused(args, {"temperature": "--temperature", "top_p": "--top-p", "seed": "--seed"},
                       "without --sample (greedy decoding draws nothing)", "add --sample or drop the flag")
-    interventions = interventions_from_args(args)  # before loading, so a bad flag costs nothing
+    if args.preset is not None:
+        refuse_unused(args, {"stepflow": "--stepflow", "oeb": "--oeb", "smi": "--smi", "beta": "--beta"},
+                      "with --preset (it chooses the layers)", "drop the flag, or drop --preset")
+    interventions = [] if args.preset else interventions_from_args(args)  # before loading: a bad flag costs nothing
     check_engine_args(args)
+    vllm = args.engine == "vllm"
+    if vllm:
+        refuse_unused(args, {"preset": "--preset", "split_summary": "--split-summary",
+                             "reasoning_effort": "--reasoning-effort"}, "with --engine vllm (not there yet)",
+                      "drop the flag or use the TL engine")
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     model = load_from_args(args)
-    vllm = args.engine == "vllm"
+    if args.preset == "gpt-oss":
+        interventions = [StepFlow.gpt_oss(model, tau_max=args.tau_max, alpha=args.alpha)]
     for iv in [p for i in interventions for p in getattr(i, "parts", lambda: [i])()]:
         flag = "--oeb" if isinstance(iv, OddsEqualBridge) else "--smi"
         try:
@@ -62,6 +71,8 @@ def cmd_generate(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, interventions=interventions,
                    format=args.format, chat=not args.raw, split=args.split,
                    **{**SAMPLING_DEFAULTS, **{k: v for k, v in sampling.items() if v is not None}})
+    if not vllm:
+        options.update(split_summary=args.split_summary, reasoning_effort=args.reasoning_effort)
     results = model.generate(args.prompt, **options) if vllm else generate(model, args.prompt, **options)
     if args.json:
         # one object per prompt (one line each when there are several)
@@ -102,6 +113,13 @@ def add_commands(sub) -> None:
     gen.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
                      help="how the output is cut into steps (auto: lines for the plain format, else blank_lines; "
                      "sentences_min15: sentences, a short one joined to the next, as the authors do)")
+    gen.add_argument("--split-summary", action="store_true",
+                     help="also split the summary into steps (the authors' convention; default: the summary is one step)")
+    gen.add_argument("--preset", choices=("gpt-oss",), default=None,
+                     help="gpt-oss: StepFlow with OEB only on the full-attention layers of the model config's "
+                          "layer_types (the authors' GPT-OSS runs); --tau-max/--alpha tune it")
+    gen.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default=None,
+                     help="harmony's reasoning effort in the prompt (GPT-OSS chat templates)")
     gen.add_argument("--raw", action="store_true", help="the prompt is already rendered text")
     gen.add_argument("--stepflow", action="store_true",
                      help="OEB + SMI with the paper's defaults (--oeb/--smi set their layers, --tau-max/--alpha/"

@@ -17,6 +17,7 @@ from ..study import (
     load_problems,
 )
 from ..study.conditions import resolve_conditions
+from ..study.problems import BENCHMARK_BUDGETS
 from ..study.demo import honesty_note, run_demo
 from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
 from .common import (
@@ -24,6 +25,16 @@ from .common import (
     refuse_unused,
 )
 
+
+
+def _budget(text: str):
+    """``--max-new-tokens``: an integer, or ``benchmark`` (each problem's own budget)."""
+    if text == "benchmark":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise StepflowError(f"--max-new-tokens must be an integer or 'benchmark', got {text!r}") from None
 
 def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
     parser.add_argument("problems", nargs="?", default="builtin",
@@ -39,7 +50,11 @@ def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=_budget, default=256,
+                        help="token budget, or 'benchmark': each problem's benchmark budget (AIME 30000, "
+                             "GPQA 12000; with --benchmark)")
+    parser.add_argument("--benchmark", choices=("auto", *BENCHMARK_BUDGETS), default=None,
+                        help="tag the problems with their benchmark's budget (auto: GPQA rows, files named *aime*)")
     parser.add_argument("--do-sample", action="store_true", help="nucleus sampling instead of greedy")
     parser.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 0.6)")
     parser.add_argument("--top-p", type=float, default=None, help="with --do-sample (default 0.95)")
@@ -49,6 +64,8 @@ def _add_study_arguments(parser, default_conditions: Sequence[str]) -> None:
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
                         help="how generated traces are cut into steps (auto: lines for the plain format, "
                         "else blank_lines; sentences_min15: sentences, a short one joined to the next)")
+    parser.add_argument("--split-summary", action="store_true",
+                        help="also split the summary into steps (the authors' convention; default: the summary is one step)")
     parser.add_argument("--saliency", type=int, default=0,
                         help="Step-Saliency maps of up to N correct and N incorrect traces per condition "
                         "(-1: every trace; 0: none)")
@@ -62,6 +79,8 @@ def problems_from_args(args) -> List[Problem]:
     if args.limit is not None and args.limit < 1:
         raise StepflowError(f"--limit must be >= 1, got {args.limit}")
     if args.problems == "builtin":
+        refuse_unused(args, {"benchmark": "--benchmark"}, "with the built-in problems",
+                      "drop --benchmark, or pass a problem file")
         text = "1,2,3" if args.levels is None else args.levels
         try:
             levels = tuple(int(x) for x in text.split(",") if x.strip())
@@ -73,7 +92,7 @@ def problems_from_args(args) -> List[Problem]:
         refuse_unused(args, {"levels": "--levels", "n_per_level": "--n-per-level", "suite_seed": "--suite-seed"},
                       f"with a problem file ({args.problems}); they choose built-in problems",
                       "drop the flag, or pass 'builtin' instead of the file")
-        problems = load_problems(args.problems)
+        problems = load_problems(args.problems, benchmark=args.benchmark)
     return problems[: args.limit] if args.limit else problems
 
 
@@ -104,7 +123,7 @@ def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> Stud
         top_p=SAMPLING_DEFAULTS["top_p"] if args.top_p is None else args.top_p,
         batch_size=args.batch_size, results_path=results, progress=not args.no_progress,
         saliency=True if args.saliency < 0 else args.saliency, prompt_style=args.prompt_style, format=args.format,
-        split=args.split,
+        split=args.split, split_summary=args.split_summary,
     )
     if not state or state.is_main_process:
         paths = result.to_csv(out)

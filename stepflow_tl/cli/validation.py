@@ -8,6 +8,7 @@ import warnings
 from ..saliency.losses import LOSSES
 from ..study import CONDITIONS, VALIDATION_CONDITIONS, ValidationConfig, validate
 from ..traces import TraceWarning, load_traces
+from ..traces.formats import SPLIT_CHOICES
 from .common import add_model_args, launch_state, load_from_args
 
 
@@ -28,6 +29,10 @@ def add_validate_arguments(parser) -> None:
     parser.add_argument("--knockout-bands", action="store_true",
                         help="also knock out in each layer band alone (3 more forwards per key step)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=SPLIT_CHOICES, default="blank_lines",
+                        help="how the thinking is cut into steps (default blank_lines; sentences_min15: the authors' sentences)")
+    parser.add_argument("--split-summary", action="store_true",
+                        help="also split the summary into steps (the authors' convention; default: the summary is one step)")
     parser.add_argument("--loss", choices=LOSSES, default="sequence")
     parser.add_argument("--mode", choices=("dense", "bounded"), default="bounded")
     parser.add_argument("--n-boot", type=int, default=10000)
@@ -47,15 +52,19 @@ def traces_from_args(args, model) -> tuple:
     limit = args.max_tokens
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TraceWarning)  # cut traces: `complete` says it
+        steps = {"split": args.split, "split_summary": args.split_summary}
         if limit is not None and args.skip_longer:
-            traces = [t for t in load_traces(args.traces, model, max_tokens=10 ** 9) if t.n_tokens <= limit]
+            traces = [t for t in load_traces(args.traces, model, max_tokens=10 ** 9, **steps) if t.n_tokens <= limit]
         else:
-            traces = load_traces(args.traces, model, max_tokens=limit, truncate=limit is not None)
+            traces = load_traces(args.traces, model, max_tokens=limit, truncate=limit is not None, **steps)
     for i, t in enumerate(traces):
         t.meta.setdefault("trace_id", t.meta.get("record_index", i))
     if args.limit:
         traces = traces[: args.limit]
-    return traces, {"max_tokens": limit, "longer": "skip" if args.skip_longer else "cut"}
+    settings = {"max_tokens": limit, "longer": "skip" if args.skip_longer else "cut"}
+    if args.split != "blank_lines" or args.split_summary:  # only then, so older results files still resume
+        settings.update(split=args.split, split_summary=args.split_summary)
+    return traces, settings
 
 
 def run_validate_cli(args) -> int:

@@ -169,7 +169,7 @@ Prompts = Union[str, Sequence[dict], Sequence[Union[str, Sequence[dict]]]]
 def prepare_prompts(tok: Tokenizer, prompts: Prompts, *, max_new_tokens: Union[int, Sequence[int]], seed: int,
                     temperature: float, top_p: float, stop: Sequence[str], format: str, chat: bool,
                     system: Optional[str], split: Union[str, Callable],
-                    questions: Optional[Sequence[str]]) -> PromptBatch:
+                    questions: Optional[Sequence[str]], reasoning_effort: Optional[str] = None) -> PromptBatch:
     """Check the arguments `generate` shares with the vLLM engine and render, tokenise
     and seed the prompts (arguments as in `generate`)."""
     prompts = _prompt_list(prompts)
@@ -182,7 +182,7 @@ def prepare_prompts(tok: Tokenizer, prompts: Prompts, *, max_new_tokens: Union[i
         stop = [stop]
     if not all(isinstance(x, str) and x for x in stop):
         raise StepflowError(f"stop must be a list of non-empty strings, got {stop!r}")
-    texts = [render_prompt(tok, p, system, chat=chat) for p in prompts]
+    texts = [render_prompt(tok, p, system, chat=chat, reasoning_effort=reasoning_effort) for p in prompts]
     fmt = resolve_format(tok, texts[0], format)
     split = resolve_split(split, fmt)
     if questions is not None and len(questions) != len(prompts):
@@ -223,6 +223,8 @@ def generate(
     questions: Optional[Sequence[str]] = None,
     batch_size: Optional[int] = None,
     static_batch: bool = False,
+    split_summary: bool = False,
+    reasoning_effort: Optional[str] = None,
 ) -> List[Generation]:
     """Generate from a batch of prompts with KV caching, optionally with interventions.
 
@@ -260,6 +262,11 @@ def generate(
         static_batch: keep finished rows running until every row of the batch has
             finished, then start the next ``batch_size`` prompts (the behaviour before
             batches shrank; for comparison, and for KV caches rows cannot leave).
+        reasoning_effort: harmony's reasoning effort in the prompt (``"low"``, ``"medium"``,
+            ``"high"``; GPT-OSS, `render_prompt`).
+        split_summary: also split the summary into steps with ``split`` (the authors'
+            convention: their analysis cuts the summary at blank lines), online and in
+            each `Generation.trace`.
 
     Returns:
         One `Generation` per prompt, in order.
@@ -269,7 +276,7 @@ def generate(
     device = a.device
     batch = prepare_prompts(tok, prompts, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
                             top_p=top_p, stop=stop, format=format, chat=chat, system=system, split=split,
-                            questions=questions)
+                            questions=questions, reasoning_effort=reasoning_effort)
     texts, qtexts, ids, budgets, seeds, stop = batch.texts, batch.questions, batch.ids, batch.budgets, batch.seeds, batch.stop
     fmt, split = batch.format, batch.split
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -312,7 +319,7 @@ def generate(
             generators[i] = torch.Generator(device=device)
             generators[i].manual_seed(seeds[i])
             if interventions:
-                trackers[i] = RowTracker(tok, fmt, split, texts[i], qtexts[i])
+                trackers[i] = RowTracker(tok, fmt, split, texts[i], qtexts[i], split_summary)
                 if trackers[i].prompt_ids != ids[i]:
                     raise StepflowError("the tracker tokenised the prompt differently from generate")
         return group
@@ -434,7 +441,7 @@ def generate(
             # An output cut by the budget has no summary; Trace says so in `complete`.
             warnings.simplefilter("ignore", TraceWarning)
             trace = Trace.from_ids(model, ids[i], out, format=fmt, question=qtexts[i], split=split,
-                                   allow_no_thinking=True)
+                                   split_summary=split_summary, allow_no_thinking=True)
         results.append(Generation(
             prompt=texts[i], text=text, trace=trace, prompt_ids=list(ids[i]), output_ids=out,
             events=[e for e in events if e.row == i and e.position < stop_at],

@@ -185,12 +185,13 @@ class RowTracker:
     """A `StepTracker` for one row plus the per-token lists its `StepState` rows come from
     (``row``); both generation engines keep one per request."""
 
-    def __init__(self, tokenizer: Tokenizer, fmt: str, split: str, prompt_text: str, question: Optional[str]):
+    def __init__(self, tokenizer: Tokenizer, fmt: str, split: str, prompt_text: str, question: Optional[str],
+                 split_summary: bool = False):
         ids, qpos = prompt_positions(tokenizer, prompt_text, question)
         self.prompt_ids = ids
         self.tracker = StepTracker(
             tokenizer, format=fmt, split=split, prompt_ids=ids, question_positions=qpos,
-            start_segment="thinking", prompt_text=prompt_text,
+            start_segment="thinking", prompt_text=prompt_text, split_summary=split_summary,
         )
         self._rebuild()
 

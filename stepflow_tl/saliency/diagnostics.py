@@ -574,3 +574,32 @@ def compare(
     cols = ["level", "metric", "band", "layer", "test", "effect_name", "effect", "statistic", "p", "p_holm",
             f"n_{la}", f"n_{lb}", f"mean_{la}", f"mean_{lb}", "reason"]
     return df[cols]
+
+
+# The authors' split of problems by how often the model solves them.
+HIGH_ACCURACY, LOW_ACCURACY = 0.7, 0.3
+
+
+def compare_by_accuracy(
+    results: Sequence[Union[StepMapResult, Diagnostics]],
+    accuracy: Sequence[float],
+    *,
+    high: float = HIGH_ACCURACY,
+    low: float = LOW_ACCURACY,
+    **compare_kwargs: Any,
+) -> pd.DataFrame:
+    """`compare` of the traces of high-accuracy problems (accuracy >= ``high``) against
+    those of low-accuracy ones (<= ``low``), the authors' second comparison beside
+    correct vs incorrect. ``accuracy[i]``: the share of samples of trace i's problem that
+    were correct (e.g. from a study's items); traces in between are left out. Columns
+    as `compare`, with the groups named ``high_accuracy`` and ``low_accuracy``."""
+    results, accuracy = list(results), [float(a) for a in accuracy]
+    if len(results) != len(accuracy):
+        raise StepflowError(f"got {len(accuracy)} accuracies for {len(results)} traces; pass one per trace")
+    if not 0.0 <= low < high <= 1.0:
+        raise StepflowError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+    if any(not 0.0 <= a <= 1.0 for a in accuracy):
+        raise StepflowError("accuracies must lie in [0, 1]")
+    group_high = [r for r, a in zip(results, accuracy) if a >= high]
+    group_low = [r for r, a in zip(results, accuracy) if a <= low]
+    return compare(group_high, group_low, labels=("high_accuracy", "low_accuracy"), **compare_kwargs)

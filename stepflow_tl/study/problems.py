@@ -90,6 +90,11 @@ class Problem:
 # Loading files
 
 
+# The authors' generation budgets per benchmark (max new tokens of their GPT-OSS runs).
+# LiveCodeBench has no loader here (grading it runs code); its budget is for generation.
+BENCHMARK_BUDGETS = {"aime": 30000, "gpqa": 12000, "livecodebench": 10000}
+
+
 def load_problems(
     path: str | Path,
     *,
@@ -97,6 +102,7 @@ def load_problems(
     kind: Optional[str] = None,
     missing_answer: str = "raise",
     choice_seed: int = 0,
+    benchmark: Optional[str] = None,
 ) -> list[Problem]:
     """Read problems from a JSONL, JSON, CSV or Parquet file.
 
@@ -124,6 +130,11 @@ def load_problems(
         missing_answer: ``"raise"`` (default) or ``"skip"`` rows whose answer is present but
             null/empty (r1_traces.jsonl has one such row, a Codeforces problem).
         choice_seed: seed of the GPQA option shuffle.
+        benchmark: give every problem its benchmark's token budget (`BENCHMARK_BUDGETS`,
+            the authors': AIME 30,000, GPQA 12,000, LiveCodeBench 10,000) in
+            ``meta["max_new_tokens"]`` and the name in ``meta["benchmark"]``, which
+            ``evaluate(max_new_tokens="benchmark")`` uses: a name, or ``"auto"`` (GPQA rows
+            are GPQA, a file whose name contains "aime" is AIME, other rows get none).
 
     Raises:
         StepflowError: unknown extension, unreadable file, or a row without a question/answer
@@ -134,6 +145,8 @@ def load_problems(
         raise StepflowError(f"kind must be one of {KINDS} or None, got {kind!r}")
     if missing_answer not in ("raise", "skip"):
         raise StepflowError(f"missing_answer must be 'raise' or 'skip', got {missing_answer!r}")
+    if benchmark is not None and benchmark != "auto" and benchmark not in BENCHMARK_BUDGETS:
+        raise StepflowError(f"benchmark must be one of {sorted(BENCHMARK_BUDGETS)}, 'auto' or None, got {benchmark!r}")
     if limit is not None and limit < 0:
         raise StepflowError(f"limit must be >= 0 or None, got {limit}")
     if not path.is_file():
@@ -145,6 +158,11 @@ def load_problems(
             break
         problem = _problem_from_row(row, path, row_number, kind, missing_answer, choice_seed)
         if problem is not None:
+            name = benchmark
+            if benchmark == "auto":
+                name = "gpqa" if "Correct Answer" in row else "aime" if "aime" in path.name.lower() else None
+            if name is not None:
+                problem.meta.update(benchmark=name, max_new_tokens=BENCHMARK_BUDGETS[name])
             problems.append(problem)
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):

@@ -159,7 +159,7 @@ def evaluate(
     conditions: ConditionSpec = DEFAULT_CONDITIONS,
     samples: int = 1,
     seed: int = 0,
-    max_new_tokens: int = 256,
+    max_new_tokens: Union[int, str] = 256,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -173,6 +173,7 @@ def evaluate(
     system: Optional[str] = None,
     reference: str = "baseline",
     split: str = "auto",
+    split_summary: bool = False,
 ) -> StudyResult:
     """Run every condition on every problem ``samples`` times and grade the outputs.
 
@@ -184,7 +185,9 @@ def evaluate(
             also be callables returning the list).
         samples: generations per (problem, condition); item (problem i, sample s) has
             seed ``item_seed(seed, i * samples + s)`` in every condition.
-        max_new_tokens, do_sample, temperature, top_p: decoding (greedy by default).
+        max_new_tokens, do_sample, temperature, top_p: decoding (greedy by default);
+            ``max_new_tokens="benchmark"``: each problem's own budget,
+            ``meta["max_new_tokens"]`` (`load_problems(..., benchmark=...)`).
         batch_size: rows per `generate` call (a batch never spans a gap in the pending
             items, so resumed and fresh runs give every item the same seed).
         results_path: JSONL file to stream to and resume from (required with several
@@ -200,6 +203,8 @@ def evaluate(
         split: how generated traces are cut into steps (`generate`'s ``split``, by name;
             ``"auto"`` is resolved once for the model's format, and the config records
             the split and format used as ``split`` and ``trace_format``).
+        split_summary: also split the summary into steps (the authors' convention;
+            recorded in the config only when on, so older results files still resume).
         reference: the condition the others are paired against.
 
     Returns:
@@ -218,6 +223,14 @@ def evaluate(
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         raise StepflowError("problem ids must be unique")
+    budgets = None
+    if max_new_tokens == "benchmark":
+        lacking = [p.id for p in problems if not isinstance(p.meta.get("max_new_tokens"), int)]
+        if lacking:
+            raise StepflowError(f"max_new_tokens='benchmark' needs a budget on every problem; {lacking[:3]} have "
+                                "none (load them with load_problems(..., benchmark='aime'/'gpqa'/'auto'))")
+        budgets = {p.id: p.meta["max_new_tokens"] for p in problems}
+        max_new_tokens = max(budgets.values())
     samples, batch_size, max_new_tokens = (check_int(name, value, low=1) for name, value in (
         ("samples", samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)))
     seed = check_int("seed", seed)
@@ -233,6 +246,8 @@ def evaluate(
     if on_vllm and saliency is not False and saliency != 0:
         raise StepflowError("saliency maps need a TransformerLens model; evaluate on a VLLMEngine without "
                             "saliency and map the saved traces with the TL engine")
+    if on_vllm and split_summary:
+        raise StepflowError("split_summary is not in the vLLM engine yet; use the TL engine or drop it")
     if split not in SPLIT_CHOICES:
         raise StepflowError(f"split must be one of {SPLIT_CHOICES} (a study records it by name), got {split!r}")
     tok = tokenizer_of(model)
@@ -240,10 +255,12 @@ def evaluate(
                                   format)
     split = resolve_split(split, trace_format)
     config = study_config(
-        model, problems, conds, samples=samples, seed=seed, max_new_tokens=max_new_tokens,
+        model, problems, conds, samples=samples, seed=seed,
+        max_new_tokens=max_new_tokens if budgets is None else {"benchmark": budgets},
         do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
         prompt_style=prompt_style, format=format, system=system, trace_format=trace_format, split=split,
         saliency=(saliency if saliency is True else int(saliency)), saliency_loss=saliency_loss,
+        **({"split_summary": True} if split_summary else {}),
     )
     path = Path(results_path) if results_path is not None else None
     state = distributed_state()
@@ -299,9 +316,11 @@ def evaluate(
                 probs = [problems[g // samples] for g in batch]
                 t0 = time.perf_counter()
                 gens = (model.generate if on_vllm else functools.partial(generate, model))(
-                    [prompt_for(p, style=prompt_style) for p in probs], max_new_tokens=max_new_tokens,
+                    [prompt_for(p, style=prompt_style) for p in probs],
+                    max_new_tokens=max_new_tokens if budgets is None else [budgets[p.id] for p in probs],
                     do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed_for_rows(seed, batch[0]),
                     interventions=ivs, format=trace_format, system=system, split=split,
+                    **({"split_summary": True} if split_summary else {}),
                 )
                 wall = (time.perf_counter() - t0) / len(batch)
                 for g, p, gen in zip(batch, probs, gens):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 from jaxtyping import Int
@@ -97,6 +97,19 @@ class ModelAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def layer_types(self) -> Optional[List[str]]:
+        """The attention kind of each layer from the model's config, as transformers names
+        them (``"full_attention"``, ``"sliding_attention"``: GPT-OSS, Qwen2 with windows,
+        ...), or None where the config has no ``layer_types``. TL 3.9 configs say
+        ``attn_types`` (``"global"`` / ``"local"``)."""
+        if self.kind == "hooked":
+            kinds = getattr(self.model.cfg, "attn_types", None)
+            names = {"global": "full_attention", "local": "sliding_attention"}
+            return None if not kinds else [names.get(k, str(k)) for k in kinds]
+        config = getattr(getattr(self.model, "original_model", None), "config", None)
+        kinds = getattr(config, "layer_types", None)
+        return None if not kinds else [str(k) for k in kinds]
 
     def W_O(self, layer: int) -> torch.Tensor:
         """Output projection of ``layer`` as ``[head, d_head, d_model]``."""

@@ -110,7 +110,11 @@ def conversation(question: Question, system: Optional[str] = None, *, name: str 
     return messages, messages[-1]["content"]
 
 
-def render_prompt(model_or_tok, question: Question, system: Optional[str] = None, *, chat: bool = True) -> str:
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+def render_prompt(model_or_tok, question: Question, system: Optional[str] = None, *, chat: bool = True,
+                  reasoning_effort: Optional[str] = None) -> str:
     """The prompt for ``question`` (a string or an HF chat conversation, see
     :func:`conversation`) with the generation prompt appended.
 
@@ -118,7 +122,9 @@ def render_prompt(model_or_tok, question: Question, system: Optional[str] = None
     ``"{system}\\n\\nQuestion:\\n{question}\\n\\n"`` (a newline, not a space, after the colon so
     the question's first word starts a token of its own), which holds at most a system
     message and one user message. ``chat=False``: ``question`` is already the rendered
-    prompt (a str) and is returned as is.
+    prompt (a str) and is returned as is. ``reasoning_effort``: harmony's ``"low"`` /
+    ``"medium"`` / ``"high"`` (GPT-OSS), handed to a chat template that reads it; a
+    template that does not is refused rather than ignoring it.
     """
     if not chat:
         if not isinstance(question, str):
@@ -127,13 +133,21 @@ def render_prompt(model_or_tok, question: Question, system: Optional[str] = None
         return question
     tok = tokenizer_of(model_or_tok)
     messages, text = conversation(question, system)
+    effort = {}
+    if reasoning_effort is not None:
+        if reasoning_effort not in REASONING_EFFORTS:
+            raise TraceError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
+        if "reasoning_effort" not in (getattr(tok, "chat_template", None) or ""):
+            raise TraceError("reasoning_effort needs a chat template that reads it (GPT-OSS's harmony template); "
+                             "this tokenizer's does not")
+        effort = {"reasoning_effort": reasoning_effort}
     if not getattr(tok, "chat_template", None):
         if len(messages) > 2 or (len(messages) == 2 and messages[0]["role"] != "system"):
             raise TraceError("without a chat template a conversation can hold only a system message and "
                              "one user message")
         prefix = f"{messages[0]['content']}\n\n" if len(messages) == 2 else ""
         return f"{prefix}{_PLAIN_QUESTION_PREFIX}{text}\n\n"
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **effort)
 
 
 def find_question(model_or_tok, prompt_text: str, question: Optional[str] = None) -> Tuple[int, int]:
