@@ -191,6 +191,7 @@ def resampling_importance(
                         "gold": problem.answer, "difficulty": problem.difficulty, "n_tokens": len(gen.output_ids),
                         "stop_reason": gen.stop_reason, "wall_time_s": wall, "n_events": 0, "events": {},
                         "mean_kl": None, "saliency": None, "output": gen.text,
+                        "prompt_ids": list(gen.prompt_ids), "output_ids": list(gen.output_ids),
                     }
                     records.append(item)
                     if store is not None:
