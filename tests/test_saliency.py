@@ -64,7 +64,10 @@ def test_callable_loss_and_per_head_maps(tiny_model, reference_hf, trace):
         for a, g in hf_attention_and_grads(reference_hf, trace.token_ids, torch.tensor([last]))
     ]
     assert result.head_maps.shape == (3, 4, trace.n_steps, trace.n_steps)
-    assert _rel(result.head_maps, torch.stack(per_head)) < 1e-6
+    # Per-head maps are not averaged over heads, so float32 reduction order (which differs
+    # between CPU kernels: 1.07e-6 on an AMD EPYC with HookedTransformer) shows more than
+    # in the head-mean maps above; 2e-6 is still ~16 float32 ulps of the largest entry.
+    assert _rel(result.head_maps, torch.stack(per_head)) < 2e-6
     assert torch.allclose(result.maps, result.head_maps.mean(1))
     assert result.loss == "last_token_loss"
 
