@@ -5,6 +5,7 @@ validation study (`validate`, docs/validation.md)."""
 from .conditions import ABLATION, CONDITIONS, DEFAULT_CONDITIONS
 from .grading import Grade, extract_answer, grade
 from .problems import Problem, SuiteConfig, builtin_suite, load_problems, prompt_for
+from .resampling import ResamplingResult, load_resampling, resampling_importance
 from .result import StudyResult
 from .run import ablate, evaluate, load_study
 from .validate import (
@@ -21,5 +22,5 @@ __all__ = [
     "ABLATION", "CONDITIONS", "DEFAULT_CONDITIONS", "Grade", "Problem", "StudyResult", "SuiteConfig", "ablate",
     "builtin_suite", "evaluate", "extract_answer", "grade", "load_problems", "load_study", "prompt_for",
     "VALIDATION_CONDITIONS", "StepKnockout", "ValidationConfig", "ValidationResult", "knockout_matrix",
-    "load_validation", "validate",
+    "load_validation", "validate", "ResamplingResult", "load_resampling", "resampling_importance",
 ]
