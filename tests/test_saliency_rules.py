@@ -77,6 +77,8 @@ def test_rules_from_a_cache(tiny_bridge, trace):
     tokens = trace.token_ids[None]
     _, cache = tiny_bridge.run_with_cache(tokens, return_type="loss", incl_bwd=True,
                                           names_filter=lambda n: n.endswith("hook_pattern"))
+    # incl_bwd's backward leaves parameter gradients on the shared model; later tests check none are left
+    tiny_bridge.zero_grad(set_to_none=True)
     for rule in ("signed", "grad"):
         direct = step_saliency(tiny_bridge, trace, rule=rule)
         cached = step_saliency_from_cache(cache, trace, rule=rule)
