@@ -140,6 +140,15 @@ def test_the_library_never_imports_the_cli():
 BACKEND_NEUTRAL = {"transformer_lens.hook_points"}
 
 
+def _absolute_imports(node: ast.AST) -> list:
+    """The absolute module names an ``import`` / ``from ... import`` node names (none for others)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and not node.level:
+        return [node.module or ""]
+    return []
+
+
 def test_only_tl_knows_the_backends():
     """Outside tl/ no module asks ``adapter(model).kind`` or imports transformers or
     TransformerLens internals: what differs between the backends has one home."""
@@ -148,12 +157,7 @@ def test_only_tl_knows_the_backends():
         if _layer(_module_name(path)) == "tl":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                targets = [node.module or ""]
-            else:
-                targets = []
+            targets = _absolute_imports(node)
             for target in targets:
                 if target.split(".")[0] in ("transformers", "transformer_lens") and target not in BACKEND_NEUTRAL:
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
@@ -170,12 +174,7 @@ def test_only_the_engine_module_imports_vllm():
         if path == PACKAGE / "engines" / "vllm.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                targets = [node.module or ""]
-            else:
-                targets = []
+            targets = _absolute_imports(node)
             bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {t}" for t in targets if t.split(".")[0] == "vllm"]
     assert not bad, "\n".join(bad)
 
