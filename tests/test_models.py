@@ -150,3 +150,22 @@ def test_llama_attention_is_editable(tiny_model):
 def test_not_a_tl_model_is_refused():
     with pytest.raises(UnsupportedModelError, match="TransformerLens model"):
         adapter(make_tiny_hf())
+
+
+def test_publish_folder_is_all_or_nothing(tmp_path):
+    """A cache folder appears whole (renamed from its staging folder) or not at all."""
+    from stepflow_tl.tl.models import publish_folder
+
+    def fail(staging):
+        (staging / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        publish_folder(tmp_path / "cache" / "model", fail)
+    assert list((tmp_path / "cache").iterdir()) == []
+    target = publish_folder(tmp_path / "cache" / "model", lambda staging: (staging / "a.txt").write_text("1"))
+    assert (target / "a.txt").read_text() == "1"
+    # A second writer racing the first: its copy is dropped, the first one stays.
+    publish_folder(target, lambda staging: (staging / "b.txt").write_text("2"))
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from ..interventions.momentum import StepMomentum
 from ..interventions.state import RowTracker, StepState
 from ..interventions.stepflow import StepFlow
 from ..tl.adapter import Tokenizer
-from ..tl.models import cache_dir, embedded_hf_dir, load_tokenizer
+from ..tl.models import embedded_hf_dir, load_tokenizer, publish_folder
 from ..traces.formats import decode
 from ..traces.trace import Trace, TraceWarning
 
@@ -119,8 +118,7 @@ def embedded_model_dir() -> Path:
         return target
     from safetensors.torch import load_file, save_file
 
-    staging = Path(tempfile.mkdtemp(prefix=".vllm-", dir=source.parent))
-    try:
+    def write(staging: Path) -> None:
         for item in source.iterdir():
             if item.name not in ("config.json", "model.safetensors"):
                 shutil.copy(item, staging / item.name)
@@ -131,14 +129,8 @@ def embedded_model_dir() -> Path:
         if "model.embed_tokens.weight" not in weights:
             weights["model.embed_tokens.weight"] = weights.pop("lm_head.weight")
         save_file(weights, str(staging / "model.safetensors"))
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return publish_folder(target, write)
 
 
 # --------------------------------------------------------------------------- the store

