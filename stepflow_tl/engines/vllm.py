@@ -14,13 +14,15 @@ apply the same `Intervention` objects as the TL path, through their backend-free
   all requests that decode one token (left-padded, as TL's batch), one per request
   that runs several (a prefill chunk, or a recompute after preemption, which re-runs
   tokens the tracker already has);
-- on the layers an attention intervention edits, a forward hook on the layer's
-  ``Attention`` module keeps the rotated keys and values per request in our own store
-  and replaces vLLM's output by attention computed from the store with the edit applied
-  to the scores (vLLM's kernels expose no scores and no per-key bias, so nothing here
-  depends on a kernel: the same code runs on CPU and GPU);
-- on the layers SMI edits, the same hook keeps the values, and a forward pre-hook on
-  ``o_proj`` adds the injection to its input (the per-head attention output ``z``).
+- on the layers an attention intervention edits, the layer's ``Attention`` module runs
+  our ``forward`` instead of vLLM's for the call (`_ForwardSwap`): it keeps the rotated
+  keys and values per request in our own store and computes the attention from the
+  store with the edit applied to the scores, so vLLM's kernel does not run there (its
+  kernels expose no scores and no per-key bias, so nothing here depends on a kernel:
+  the same code runs on CPU and GPU);
+- on the layers SMI edits, the same ``forward`` keeps the values and then runs vLLM's,
+  and a forward pre-hook on ``o_proj`` adds the injection to its input (the per-head
+  attention output ``z``).
 """
 
 from __future__ import annotations
@@ -135,28 +137,36 @@ def embedded_model_dir() -> Path:
 
 # --------------------------------------------------------------------------- the store
 class _Store:
-    """Per-request keys or values of one layer, ``[slot, position, kv_head, d_head]``,
-    grown by doubling (positions and slots)."""
+    """Per-request keys or values of one layer, ``[slot, kv_head, position, d_head]``
+    (a request's positions contiguous per head, as the attention reads them), grown by
+    doubling (positions and slots)."""
 
     def __init__(self):
         self.buf: Optional[torch.Tensor] = None
 
     def write(self, slots: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
               n_slots: int, n_pos: int) -> None:
+        """``values`` ``[token, kv_head, d_head]`` of the flattened batch at ``(slots, positions)``."""
         buf = self.buf
-        if buf is None or buf.shape[0] < n_slots or buf.shape[1] < n_pos:
-            shape = (max(n_slots, 2 * buf.shape[0] if buf is not None else n_slots),
-                     max(n_pos, 2 * buf.shape[1] if buf is not None else 256)) + tuple(values.shape[1:])
+        if buf is None or buf.shape[0] < n_slots or buf.shape[2] < n_pos:
+            shape = (max(n_slots, 2 * buf.shape[0] if buf is not None else n_slots), values.shape[1],
+                     max(n_pos, 2 * buf.shape[2] if buf is not None else 256), values.shape[2])
             grown = values.new_zeros(shape)
             if buf is not None:
-                grown[:buf.shape[0], :buf.shape[1]] = buf
+                grown[:buf.shape[0], :, :buf.shape[2]] = buf
             self.buf = buf = grown
-        buf[slots, positions] = values
+        buf[slots, :, positions] = values
+
+    def rows(self, group: "_Group") -> torch.Tensor:
+        """``[row, kv_head, width, d_head]`` of the group's rows at their own positions
+        (column ``j`` is position ``j``; columns past a row's end hold stale values,
+        which the attention gives no weight)."""
+        return self.buf[:, :, :group.width].index_select(0, group.slot_index)
 
     def gather(self, group: "_Group") -> torch.Tensor:
         """``[row, width, kv_head, d_head]`` of the group's rows, left-padded like its state
         (padding columns hold some row's values; the masks give them no weight)."""
-        return self.buf[group.slot_index[:, None], group.key_index]
+        return self.buf[group.slot_index[:, None], :, group.key_index]
 
 
 @dataclass
@@ -250,6 +260,11 @@ class _Group:
     q_len: int
     width: int
     state: StepState
+    allowed: torch.Tensor  # [row, 1, query, width] causal mask of the left-padded scores
+    # Left-padded column of each position ([row, 1, 1, width]; past a row's end: any
+    # column) and where a position exists; None when no row is padded (one request).
+    unpad_index: Optional[torch.Tensor] = None
+    real: Optional[torch.Tensor] = None
     runs: Dict[int, InterventionRun] = field(default_factory=dict)
     caches: Dict[int, PerStateCache] = field(default_factory=dict)
 
@@ -258,6 +273,24 @@ class _Group:
             self.runs[k] = InterventionRun(iv.name, self.state)
             self.caches[k] = PerStateCache()
         return self.runs[k]
+
+
+class _ForwardSwap:
+    """``module.forward`` replaced by ``forward`` until `remove` (a hook handle's
+    interface, so the call's ``finally`` restores it with the hooks): a hook that
+    replaces a module's output rather than edits it, so the module's own work is
+    skipped."""
+
+    def __init__(self, module: torch.nn.Module, forward):
+        if "forward" in module.__dict__:
+            raise StepflowError(f"{type(module).__name__}.forward is already replaced (another generate call "
+                                "running on this engine?); one generate call at a time per engine")
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        if "forward" in self.module.__dict__:
+            del self.module.forward
 
 
 def _flatten(interventions) -> list:
@@ -297,6 +330,7 @@ class _Hooks:
         self.values = {layer: _Store() for layer in set(self.attn_edits) | set(self.z_edits)}
         self.head_to_kv = torch.arange(engine.n_heads, device=engine.device) // (engine.n_heads // engine.n_kv_heads)
         self.groups: List[_Group] = []
+        self.covered = 0  # tokens of this forward in a group
         self.n_tokens = 0
         self.token_slots = self.token_positions = None
         self.events: List[InterventionEvent] = []
@@ -332,6 +366,7 @@ class _Hooks:
     def on_forward(self, module, args, kwargs):
         """Model pre-hook: which request each token of the flattened batch belongs to."""
         self.flush_events()
+        self.covered = 0
         self.forwards += 1
         runner = self.engine.runner
         n = runner.input_batch.num_reqs
@@ -372,64 +407,92 @@ class _Hooks:
         return None
 
     def group(self, requests: List[_Request], tokens: List[int], ends: List[int], q_len: int) -> _Group:
+        """The rows' state and the index tensors their attention reuses at every layer."""
         dev = self.engine.device
         width = max(ends)
         state = _batch_state(requests, ends, dev)
         if q_len > 1 and ends[0] <= len(requests[0].prompt_ids):
             state.phase = "prefill"  # every query is a prompt token
         columns = torch.arange(width, device=dev)
-        pads = torch.tensor([width - end for end in ends], device=dev)
+        pads = state.pad
+        query_columns = columns[width - q_len:]
+        allowed = (columns[None, None, :] >= pads[:, None, None]) & (columns[None, None, :] <= query_columns[None, :, None])
+        unpad_index = real = None
+        if min(ends) != width:
+            unpad_index = (columns[None, :] + pads[:, None]).clamp_max(width - 1)[:, None, None, :]
+            real = (columns[None, :] < (width - pads)[:, None])[:, None, None, :]
+        self.covered += len(requests) * q_len
         return _Group(
             requests=requests, token_index=torch.tensor(tokens, dtype=torch.long, device=dev),
             slot_index=torch.tensor([req.slot for req in requests], dtype=torch.long, device=dev),
             key_index=(columns[None, :] - pads[:, None]).clamp_min(0), q_len=q_len, width=width, state=state,
+            allowed=allowed[:, None], unpad_index=unpad_index, real=real,
         )
 
-    def on_attention(self, layer: int):
+    def on_attention(self, layer: int, forward):
+        """The ``forward`` of layer ``layer``'s ``Attention`` module while the hooks are
+        installed: keep the keys and values in the store; on a layer an attention
+        intervention edits, compute the attention from the store (vLLM's kernel is not
+        run, its KV cache for the layer not written: nothing reads it in this call,
+        and a later call's requests are prefilled anew, prefix caching being off);
+        elsewhere, vLLM's ``forward``."""
         engine = self.engine
+        edits = self.attn_edits.get(layer)
 
-        def hook(module, args, output):
+        def attention(query, key, value, *args, **kwargs):
             total = self.n_tokens
             if not total:
-                return output
-            q, k, v = args[0], args[1], args[2]
-            n_slots = self.slots_used
+                return forward(query, key, value, *args, **kwargs)
             if layer in self.keys:
                 self.keys[layer].write(self.token_slots, self.token_positions,
-                                       k[:total].reshape(total, engine.n_kv_heads, engine.head_dim), n_slots, self.n_pos)
+                                       key[:total].reshape(total, engine.n_kv_heads, engine.head_dim),
+                                       self.slots_used, self.n_pos)
             self.values[layer].write(self.token_slots, self.token_positions,
-                                     v[:total].reshape(total, engine.n_kv_heads, engine.head_dim), n_slots, self.n_pos)
-            edits = self.attn_edits.get(layer)
-            if not edits or not self.groups:
-                return output
+                                     value[:total].reshape(total, engine.n_kv_heads, engine.head_dim),
+                                     self.slots_used, self.n_pos)
+            if not edits:
+                return forward(query, key, value, *args, **kwargs)
+            if self.covered != total:
+                raise StepflowError(f"the step state covers {self.covered} of the {total} tokens vLLM runs; "
+                                    "every request of a call with interventions needs a tracker")
+            output = query.new_zeros((query.shape[0], engine.n_heads * engine.head_dim))
             out = output.view(output.shape[0], engine.n_heads, engine.head_dim)
-            queries = q[:total].reshape(total, engine.n_heads, engine.head_dim)
+            queries = query[:total].reshape(total, engine.n_heads, engine.head_dim)
             for group in self.groups:
                 out[group.token_index] = self.attend(layer, group, queries, edits)
             return output
 
-        return hook
+        return attention
 
     def attend(self, layer: int, group: _Group, queries: torch.Tensor, edits: List[int]) -> torch.Tensor:
         """Attention of one group's queries from the store, with the scores edited:
-        ``[row * query, head, d_head]``."""
+        ``[row * query, head, d_head]``.
+
+        Keys and values are read at their own positions (one copy each, no padding,
+        grouped query heads not repeated); only the scores, ``d_head`` times smaller,
+        go to the state's left-padded layout, where the edits read them, and the
+        pattern comes back."""
         engine = self.engine
         rows, q_len, width = len(group.requests), group.q_len, group.width
-        q = queries[group.token_index].view(rows, q_len, engine.n_heads, engine.head_dim).transpose(1, 2)
-        k = self.keys[layer].gather(group)[:, :, self.head_to_kv].permute(0, 2, 3, 1)  # [b, head, d, key]
-        v = self.values[layer].gather(group)[:, :, self.head_to_kv].transpose(1, 2)  # [b, head, key, d]
-        scores = torch.matmul(q, k) * engine.scale  # [b, head, q, key]
-        columns = torch.arange(width, device=q.device)
-        query_columns = columns[width - q_len:]
-        pad = group.state.pad
-        allowed = (columns[None, None, :] >= pad[:, None, None]) & (columns[None, None, :] <= query_columns[None, :, None])
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        n_kv, share = engine.n_kv_heads, engine.n_heads // engine.n_kv_heads
+        # [row, kv, share * query, d]: query heads that share a kv head side by side
+        q = queries[group.token_index].view(rows, q_len, n_kv, share, engine.head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(rows, n_kv, share * q_len, engine.head_dim)
+        k = self.keys[layer].rows(group)  # [row, kv, width, d]
+        v = self.values[layer].rows(group)
+        scores = (torch.matmul(q, k.transpose(-1, -2)) * engine.scale).view(rows, engine.n_heads, q_len, width)
+        if group.unpad_index is not None:
+            scores = scores.gather(-1, group.key_index[:, None, None, :].expand_as(scores))
+        scores = scores.masked_fill(~group.allowed, float("-inf"))
         for k_iv in edits:
             iv = self.interventions[k_iv]
             scores = iv.edit_scores(group.run(k_iv, iv), layer, scores, group.caches[k_iv])
         pattern = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        z = torch.matmul(pattern, v)  # [b, head, q, d]
-        return z.transpose(1, 2).reshape(rows * q_len, engine.n_heads, engine.head_dim)
+        if group.unpad_index is not None:
+            pattern = pattern.gather(-1, group.unpad_index.expand_as(pattern)) * group.real
+        z = torch.matmul(pattern.view(rows, n_kv, share * q_len, width), v)  # [row, kv, share * query, d]
+        z = z.view(rows, n_kv, share, q_len, engine.head_dim).permute(0, 3, 1, 2, 4)
+        return z.reshape(rows * q_len, engine.n_heads, engine.head_dim)
 
     def on_o_proj(self, layer: int):
         engine = self.engine
@@ -637,7 +700,8 @@ class VLLMEngine:
         engine = self.llm.llm_engine
         try:
             for layer in hooks.values:
-                handles.append(self.layers[layer].self_attn.attn.register_forward_hook(hooks.on_attention(layer)))
+                attn = self.layers[layer].self_attn.attn
+                handles.append(_ForwardSwap(attn, hooks.on_attention(layer, attn.forward)))
             for layer in hooks.z_edits:
                 handles.append(self.layers[layer].self_attn.o_proj.register_forward_pre_hook(hooks.on_o_proj(layer)))
             for name, req in requests.items():

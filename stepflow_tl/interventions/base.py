@@ -203,23 +203,32 @@ class InterventionRun:
             offset += n
             fired = vals["fired"] > 0
             n_heads = fired.sum(dim=1)  # [batch, q]
-            for b, q in (n_heads > 0).nonzero().tolist():
-                heads = fired[b, :, q]
-                mean = lambda t: float(t[b, :, q][heads].mean())
-                pos = q_start + q
-                kw = dict(
-                    intervention=self.name,
-                    row=b,
-                    layer=layer,
-                    position=int(pos - pad[b]),
-                    step=int(step_id[b, pos]) if pos < step_id.shape[1] else -1,
-                    n_heads=int(n_heads[b, q]),
-                )
-                if kind == "attn":
-                    kw.update(lambda_b=mean(vals["lambda_b"]), lambda_s=mean(vals["lambda_s"]), kl=mean(vals["kl"]))
-                else:
-                    kw.update(injected_norm=mean(vals["norm"]))
-                out.append(InterventionEvent(**kw))
+            where = (n_heads > 0).nonzero()  # [event, 2]: (row, query), in row-major order
+            if not where.shape[0]:
+                continue
+            b, q = where[:, 0], where[:, 1]
+            heads = fired[b, :, q]  # [event, head]
+            count = n_heads[b, q].double()
+
+            def mean(key: str) -> List[float]:
+                """Mean over the heads that fired, of each event: summed in fp64 (so
+                the order of the sum does not matter), rounded to fp32 like the
+                recorded values."""
+                v = vals[key][b, :, q].double()
+                return (torch.where(heads, v, torch.zeros_like(v)).sum(-1) / count).float().tolist()
+
+            pos = q + q_start
+            inside = pos < step_id.shape[1]
+            steps = torch.where(inside, step_id[b, pos.clamp_max(step_id.shape[1] - 1)].long(), torch.full_like(pos, -1))
+            columns = {"row": b.tolist(), "position": (pos - pad[b]).tolist(), "step": steps.tolist(),
+                       "n_heads": n_heads[b, q].tolist()}
+            if kind == "attn":
+                columns.update(lambda_b=mean("lambda_b"), lambda_s=mean("lambda_s"), kl=mean("kl"))
+            else:
+                columns["injected_norm"] = mean("norm")
+            names = list(columns)
+            for values in zip(*columns.values()):
+                out.append(InterventionEvent(self.name, layer=layer, **dict(zip(names, values))))
         return out
 
     def take_events(self, rows: Sequence[int]) -> List[InterventionEvent]:
