@@ -103,6 +103,71 @@ def test_same_seeds_in_every_condition_and_batch_size(tiny_bridge):
     assert (one[one["condition"] != "baseline"]["n_events"] > 0).any()
 
 
+def _eos_after_multiples_of(monkeypatch, model, k):
+    """Rows end at different lengths: EOS follows every sampled token whose id is a multiple
+    of ``k`` (random weights never say EOS). The rule reads only the row's own token."""
+    from stepflow_tl.tl.adapter import ModelAdapter
+
+    decode, eos = ModelAdapter.decode, model.tokenizer.eos_token_id
+
+    def ending(self, state, next_tokens):
+        logits, state = decode(self, state, next_tokens)
+        logits[next_tokens[:, 0] % k == 0, -1, eos] = 1e4
+        return logits, state
+
+    monkeypatch.setattr(ModelAdapter, "decode", ending)
+
+
+def test_refilling_study_gives_every_item_the_same_result_in_any_batch(tiny_bridge, monkeypatch, tmp_path):
+    """A condition's items run in one refilling batch: whatever the batch size, and when a
+    resume leaves gaps (other items beside each one, in another order of finishing),
+    every item's seed, tokens, grade and events are the same."""
+    _eos_after_multiples_of(monkeypatch, tiny_bridge, 3)
+    problems = [Problem(i, q, a, "integer") for i, q, a in QUESTIONS]
+    kw = dict(conditions={"baseline": [], "oeb": [OddsEqualBridge(layers=[0])]}, samples=2, seed=5,
+              max_new_tokens=8, do_sample=True, temperature=1.5, progress=False)
+    reference = evaluate(tiny_bridge, problems, batch_size=1, **kw).items
+    assert reference["n_tokens"].nunique() >= 3 and (reference["stop_reason"] == "eos").any()
+    assert (reference[reference["condition"] == "oeb"]["n_events"] > 0).any()
+    key = ["condition", "problem_id", "sample"]
+    expected = reference[COMPARED].sort_values(key).reset_index(drop=True)
+    for batch_size in (3, 24):
+        got = evaluate(tiny_bridge, problems, batch_size=batch_size, **kw).items
+        pd.testing.assert_frame_equal(got[COMPARED].sort_values(key).reset_index(drop=True), expected)
+    path = tmp_path / "r.jsonl"
+    evaluate(tiny_bridge, problems, batch_size=4, results_path=path, **kw)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:1] + lines[1::3]))  # the header and a third of the items
+    resumed = evaluate(tiny_bridge, problems, batch_size=5, results_path=path, **kw).items
+    pd.testing.assert_frame_equal(resumed[COMPARED].sort_values(key).reset_index(drop=True), expected)
+
+
+def test_the_model_is_resolved_once_per_entry_point_not_per_item(tiny_bridge, monkeypatch):
+    """evaluate resolves the model's tokenizer once and passes the tokenizer down; each
+    condition's `generate` call (an entry point of its own) resolves it once more; nothing
+    is resolved per item (issue 21: an evaluate call used to enter tokenizer_of 11 times)."""
+    import importlib
+
+    real = importlib.import_module("stepflow_tl.tl.adapter").tokenizer_of
+    from_model = []
+
+    def counting(model_or_tok):
+        if hasattr(model_or_tok, "cfg"):
+            from_model.append(model_or_tok)
+        return real(model_or_tok)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("stepflow_tl") and getattr(module, "tokenizer_of", None) is real:
+            monkeypatch.setattr(module, "tokenizer_of", counting)
+    conditions = {"baseline": [], "oeb": [OddsEqualBridge(layers=[0])]}
+    for n in (1, 3):
+        from_model.clear()
+        problems = [Problem(i, q, a, "integer") for i, q, a in QUESTIONS[:n]]
+        evaluate(tiny_bridge, problems, conditions=conditions, samples=2, max_new_tokens=2, batch_size=1,
+                 progress=False)
+        assert len(from_model) == 1 + len(conditions), n
+
+
 def test_conditions_registry_and_errors():
     assert set(ABLATION) >= {"baseline", "stepflow", "oeb", "smi", "random_bridge", "matched_noise",
                              "random_momentum", "oeb_top", "smi_bottom"}
@@ -274,8 +339,8 @@ def test_saliency_file_names_are_unique_per_item_after_sanitising(tiny_bridge, t
                                  summary="5")
     run_module = importlib.import_module("stepflow_tl.study.run")  # the package exports a function named run
     real = run_module.generate
-    monkeypatch.setattr(run_module, "generate",
-                        lambda *a, **kw: [replace(g, trace=two_steps) for g in real(*a, **kw)])
+    monkeypatch.setattr(run_module, "generate", lambda *a, on_finish, **kw: real(
+        *a, on_finish=lambda j, g: on_finish(j, replace(g, trace=two_steps)), **kw))
     problems = [Problem(i or "empty", "What is 2 + 3?", "5", "integer") for i in ids[:4] + ids[-3:-1]]
     result = evaluate(tiny_bridge, problems, conditions=["baseline"], max_new_tokens=2, progress=False,
                       saliency=True, results_path=results)
@@ -299,7 +364,8 @@ def test_study_maps_follow_auto_mode_so_long_traces_are_tiled(tiny_bridge, token
     trace = Trace.from_parts(tokenizer, question="What is 2 + 3?", thinking="First.\n\nThen five.", summary="5")
     run_module = importlib.import_module("stepflow_tl.study.run")
     real = run_module.generate
-    monkeypatch.setattr(run_module, "generate", lambda *a, **kw: [replace(g, trace=trace) for g in real(*a, **kw)])
+    monkeypatch.setattr(run_module, "generate", lambda *a, on_finish, **kw: real(
+        *a, on_finish=lambda j, g: on_finish(j, replace(g, trace=trace)), **kw))
     maps = {}
     for threshold in (4, 10**9):
         monkeypatch.setattr(compute, "AUTO_TILED_ABOVE", threshold)

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -106,7 +106,8 @@ def row_seed(seed: int, index: int) -> int:
 
 def seed_for_rows(seed: int, first_index: int) -> int:
     """The ``seed`` for `generate` that gives its row j the seed of row ``first_index + j``
-    of a call with ``seed``, so a run of consecutive items can start at any index."""
+    of a call with ``seed``, so a run of consecutive items can start at any index
+    (``row_seeds=`` gives any items their own seeds directly)."""
     inverse = pow(_SEED_SCALE, -1, _SEED_MODULUS)
     return ((int(seed) * _SEED_SCALE + int(first_index) * _INDEX_SCALE) * inverse) % _SEED_MODULUS
 
@@ -169,7 +170,8 @@ Prompts = Union[str, Sequence[dict], Sequence[Union[str, Sequence[dict]]]]
 def prepare_prompts(tok: Tokenizer, prompts: Prompts, *, max_new_tokens: Union[int, Sequence[int]], seed: int,
                     temperature: float, top_p: float, stop: Sequence[str], format: str, chat: bool,
                     system: Optional[str], split: Union[str, Callable],
-                    questions: Optional[Sequence[str]], reasoning_effort: Optional[str] = None) -> PromptBatch:
+                    questions: Optional[Sequence[str]], row_seeds: Optional[Sequence[int]] = None,
+                    reasoning_effort: Optional[str] = None) -> PromptBatch:
     """Check the arguments `generate` shares with the vLLM engine and render, tokenise
     and seed the prompts (arguments as in `generate`)."""
     prompts = _prompt_list(prompts)
@@ -199,7 +201,12 @@ def prepare_prompts(tok: Tokenizer, prompts: Prompts, *, max_new_tokens: Union[i
         budgets = [check_int(f"max_new_tokens[{i}]", n, low=1) for i, n in enumerate(max_new_tokens)]
     else:
         budgets = [check_int("max_new_tokens", max_new_tokens, low=1)] * len(ids)
-    seeds = [row_seed(seed, i) for i in range(len(ids))]
+    if row_seeds is None:
+        seeds = [row_seed(seed, i) for i in range(len(ids))]
+    elif len(row_seeds) != len(ids):
+        raise StepflowError(f"got {len(row_seeds)} row_seeds for {len(ids)} prompts")
+    else:
+        seeds = [check_int(f"row_seeds[{i}]", x) for i, x in enumerate(row_seeds)]
     return PromptBatch(texts=texts, questions=qtexts, ids=ids, budgets=budgets, seeds=seeds, stop=list(stop),
                        format=fmt, split=split)
 
@@ -225,6 +232,8 @@ def generate(
     static_batch: bool = False,
     split_summary: bool = False,
     reasoning_effort: Optional[str] = None,
+    row_seeds: Optional[Sequence[int]] = None,
+    on_finish: Optional[Callable[[int, "Generation"], None]] = None,
 ) -> List[Generation]:
     """Generate from a batch of prompts with KV caching, optionally with interventions.
 
@@ -267,6 +276,11 @@ def generate(
         split_summary: also split the summary into steps with ``split`` (the authors'
             convention: their analysis cuts the summary at blank lines), online and in
             each `Generation.trace`.
+        row_seeds: each prompt's own seed (default ``row_seed(seed, index)``), e.g. a
+            study's item seeds, so an item replays whatever call and batch it runs in.
+        on_finish: called as ``on_finish(index, generation)`` as soon as a row has
+            finished and left the batch (rows finish out of order), e.g. to store it. It
+            runs while generation's hooks are installed: it must not run the model.
 
     Returns:
         One `Generation` per prompt, in order.
@@ -276,7 +290,7 @@ def generate(
     device = a.device
     batch = prepare_prompts(tok, prompts, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
                             top_p=top_p, stop=stop, format=format, chat=chat, system=system, split=split,
-                            questions=questions, reasoning_effort=reasoning_effort)
+                            questions=questions, row_seeds=row_seeds, reasoning_effort=reasoning_effort)
     texts, qtexts, ids, budgets, seeds, stop = batch.texts, batch.questions, batch.ids, batch.budgets, batch.seeds, batch.stop
     fmt, split = batch.format, batch.split
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -305,7 +319,39 @@ def generate(
     reasons = ["length"] * len(ids)
     cut: List[Optional[int]] = [None] * len(ids)
     prefill_s, started, finished = [0.0] * len(ids), [0.0] * len(ids), [0.0] * len(ids)
-    events: List[InterventionEvent] = []
+    row_events: Dict[int, List[InterventionEvent]] = {i: [] for i in range(len(ids))}
+    results: List[Optional[Generation]] = [None] * len(ids)
+    names = [repr(iv) for iv in interventions]
+
+    def take_events(run, rows) -> None:
+        for e in run.take_events(rows):
+            row_events[e.row].append(e)
+
+    def finish(i: int) -> None:
+        """Build row ``i``'s `Generation` once it has left the batch (its events are taken)."""
+        out = outputs[i]
+        text = decode(tok, out[:-1] if reasons[i] == "eos" else out)
+        if cut[i] is not None:
+            text = text[: cut[i]]
+        # The last output token is never run for the row (nothing reads what follows it),
+        # so events there exist only where a static batch ran it on; they are dropped.
+        stop_at = len(ids[i]) + len(out) - 1
+        decode_s = finished[i] - started[i]
+        with warnings.catch_warnings():
+            # An output cut by the budget has no summary; Trace says so in `complete`.
+            warnings.simplefilter("ignore", TraceWarning)
+            trace = Trace.from_ids(tok, ids[i], out, format=fmt, question=qtexts[i], split=split,
+                                   split_summary=split_summary, allow_no_thinking=True,
+                                   max_tokens=a.n_ctx or None)
+        results[i] = Generation(
+            prompt=texts[i], text=text, trace=trace, prompt_ids=list(ids[i]), output_ids=out,
+            events=[e for e in row_events.pop(i) if e.position < stop_at],
+            stop_reason=reasons[i], seed=seeds[i], prefill_s=prefill_s[i], decode_s=decode_s,
+            tokens_per_s=len(out) / decode_s if decode_s > 0 else float("nan"),
+            format=fmt, split=split, interventions=names,
+        )
+        if on_finish is not None:
+            on_finish(i, results[i])
 
     def state_of(rows) -> StepState:
         return StepState.from_rows([trackers[i].row for i in rows], device=device,
@@ -335,7 +381,7 @@ def generate(
         """Prefill ``group`` as a left-padded batch of its own and join it to the running batch."""
         parked = []
         for run in runs:
-            events.extend(run.take_events(active))
+            take_events(run, active)
             parked.append(run.park())
             run.state = prefill_state(group)
         tokens, mask = pad_token_ids([ids[i] for i in group], pad_id)
@@ -347,7 +393,7 @@ def generate(
         for i in group:
             prefill_s[i], started[i] = t1 - t0, t1
         for run, held in zip(runs, parked):
-            events.extend(run.take_events(group))
+            take_events(run, group)
             run.join(held)
         active.extend(group)
         if dstate is None:
@@ -390,11 +436,11 @@ def generate(
             if leaving:
                 keep = [b for b, i in enumerate(active) if not done[i]]
                 for run in runs:
-                    events.extend(run.take_events(active))
-                for i in active:
-                    if done[i]:
-                        trackers.pop(i, None)
-                        generators.pop(i, None)
+                    take_events(run, active)
+                left = [i for i in active if done[i]]
+                for i in left:
+                    trackers.pop(i, None)
+                    generators.pop(i, None)
                 active[:] = [active[b] for b in keep]
                 nxt_list = [nxt_list[b] for b in keep]
                 width_before = dstate.attention_mask.shape[1]
@@ -403,6 +449,8 @@ def generate(
                     nxt, last = nxt[keep], last[keep]
                 for run in runs:
                     run.keep_rows(keep, width_before - dstate.attention_mask.shape[1])
+                for i in left:
+                    finish(i)
                 changed = True
             if not active:
                 if not waiting:
@@ -425,30 +473,7 @@ def generate(
             if reshape and waiting and len(active) < width:
                 dstate, last = admit(runs, next_group(), dstate, last)
         for run in runs:
-            events.extend(run.take_events(active))
-
-    results = []
-    names = [repr(iv) for iv in interventions]
-    for i, out in enumerate(outputs):
-        text = decode(tok, out[:-1] if reasons[i] == "eos" else out)
-        if cut[i] is not None:
-            text = text[: cut[i]]
-        # The last output token is never run for the row (nothing reads what follows it),
-        # so events there exist only where a static batch ran it on; they are dropped.
-        stop_at = len(ids[i]) + len(out) - 1
-        decode_s = finished[i] - started[i]
-        with warnings.catch_warnings():
-            # An output cut by the budget has no summary; Trace says so in `complete`.
-            warnings.simplefilter("ignore", TraceWarning)
-            trace = Trace.from_ids(model, ids[i], out, format=fmt, question=qtexts[i], split=split,
-                                   split_summary=split_summary, allow_no_thinking=True)
-        results.append(Generation(
-            prompt=texts[i], text=text, trace=trace, prompt_ids=list(ids[i]), output_ids=out,
-            events=[e for e in events if e.row == i and e.position < stop_at],
-            stop_reason=reasons[i], seed=seeds[i], prefill_s=prefill_s[i], decode_s=decode_s,
-            tokens_per_s=len(out) / decode_s if decode_s > 0 else float("nan"),
-            format=fmt, split=split, interventions=names,
-        ))
+            take_events(run, active)
     return results
 
 

@@ -14,7 +14,6 @@ process merges the shards into ``results_path`` at the end. See ``docs/study.md`
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from ..checks import check_bool, check_int, check_real
 from ..engines.vllm import VLLMEngine
 from ..errors import StepflowError
-from ..interventions.generate import generate, row_seed, seed_for_rows
+from ..interventions.generate import Generation, generate, row_seed, seed_for_rows
 from ..saliency.compute import step_saliency
 from ..saliency.losses import LOSSES
 from ..saliency.maps import StepSaliency
@@ -116,7 +115,8 @@ def _event_summary(events) -> tuple:
 
 
 def _runs(indices: List[int], batch_size: int) -> List[List[int]]:
-    """Batches of consecutive indices (a gap starts a new batch, so seeds line up)."""
+    """Batches of consecutive indices (a gap starts a new batch, so seeds line up): the
+    calls a study makes to a vLLM engine."""
     batches: List[List[int]] = []
     for i in indices:
         if batches and batches[-1][-1] == i - 1 and len(batches[-1]) < batch_size:
@@ -188,8 +188,11 @@ def evaluate(
         max_new_tokens, do_sample, temperature, top_p: decoding (greedy by default);
             ``max_new_tokens="benchmark"``: each problem's own budget,
             ``meta["max_new_tokens"]`` (`load_problems(..., benchmark=...)`).
-        batch_size: rows per `generate` call (a batch never spans a gap in the pending
-            items, so resumed and fresh runs give every item the same seed).
+        batch_size: rows decoded at once. Each condition's pending items run in one
+            `generate` call: a finished item leaves the batch and the next waiting one
+            joins with its own seed, so every item's output is the same for any batch
+            size and whichever items run beside it (a resumed run included). With a
+            `VLLMEngine`, one call per run of up to ``batch_size`` consecutive items.
         results_path: JSONL file to stream to and resume from (required with several
             processes).
         progress: a tqdm bar on the main process.
@@ -312,47 +315,83 @@ def evaluate(
         for name, ivs in conds.items():
             if bar is not None:
                 bar.set_description(name)
-            for batch in _runs(pending[name], batch_size):
-                probs = [problems[g // samples] for g in batch]
-                t0 = time.perf_counter()
-                gens = (model.generate if on_vllm else functools.partial(generate, model))(
-                    [prompt_for(p, style=prompt_style) for p in probs],
-                    max_new_tokens=max_new_tokens if budgets is None else [budgets[p.id] for p in probs],
-                    do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed_for_rows(seed, batch[0]),
-                    interventions=ivs, format=trace_format, system=system, split=split,
-                    **({"split_summary": True} if split_summary else {}),
-                )
-                wall = (time.perf_counter() - t0) / len(batch)
-                for g, p, gen in zip(batch, probs, gens):
-                    if gen.seed != item_seed(seed, g):
-                        raise StepflowError("generate reported other row seeds than seed_for_rows promised")
-                    verdict = grade(gen.text, p)
-                    counts, mean_kl = _event_summary(gen.events)
-                    sample = g % samples
-                    rel = None
-                    if saliency is not False:
-                        key = (name, bool(verdict.correct))
-                        # A step map needs two steps; a one-step answer has none to draw.
-                        wanted = saliency is True or maps_made.get(key, 0) < saliency
-                        if wanted and gen.trace.n_steps >= 2:
-                            rel, result = _save_saliency(model, gen, p, name, sample, verdict.correct, path,
-                                                         saliency_loss)
-                            fresh_maps[(p.id, name, sample)] = result
-                            maps_made[key] = maps_made.get(key, 0) + 1
-                    item = {
-                        "problem_id": p.id, "condition": name, "sample": sample, "seed": gen.seed,
-                        "correct": bool(verdict.correct), "extracted": verdict.extracted, "gold": p.answer,
-                        "output": gen.text, "n_tokens": len(gen.output_ids), "stop_reason": gen.stop_reason,
-                        "wall_time_s": wall, "difficulty": p.difficulty, "events": counts,
-                        "n_events": sum(counts.values()), "mean_kl": mean_kl, "saliency": rel,
-                        "prompt_ids": list(gen.prompt_ids), "output_ids": list(gen.output_ids),
-                    }
-                    if store is not None:
-                        store.append(item)
-                    else:
-                        memory.append(item)
+            order = pending[name]
+            if not order:
+                continue
+            probs = [problems[g // samples] for g in order]
+            finished: Dict[int, Generation] = {}
+            deferred: List[tuple] = []  # items whose map is drawn once generation is over
+            flushed = [0, time.perf_counter()]  # items recorded in order; when the last one was
+
+            def record(g, p, gen, verdict, rel, wall):
+                counts, mean_kl = _event_summary(gen.events)
+                item = {
+                    "problem_id": p.id, "condition": name, "sample": g % samples, "seed": gen.seed,
+                    "correct": bool(verdict.correct), "extracted": verdict.extracted, "gold": p.answer,
+                    "output": gen.text, "n_tokens": len(gen.output_ids), "stop_reason": gen.stop_reason,
+                    "wall_time_s": wall, "difficulty": p.difficulty, "events": counts,
+                    "n_events": sum(counts.values()), "mean_kl": mean_kl, "saliency": rel,
+                    "prompt_ids": list(gen.prompt_ids), "output_ids": list(gen.output_ids),
+                }
+                if store is not None:
+                    store.append(item)
+                else:
+                    memory.append(item)
                 if bar is not None:
-                    bar.update(len(batch))
+                    bar.update(1)
+
+            def on_finish(j, gen):
+                """Rows finish out of order; items are graded and recorded in item order (so
+                which items get a map does not depend on the batch), each as soon as every
+                earlier one has finished. (Called within this condition's `generate` call.)"""
+                finished[j] = gen
+                while flushed[0] in finished:
+                    k = flushed[0]
+                    g, p, gen = order[k], probs[k], finished.pop(k)
+                    if gen.seed != item_seed(seed, g):
+                        raise StepflowError("generate reported other row seeds than the study's item seeds")
+                    now = time.perf_counter()
+                    # Generation's wall time, split between items as they are recorded: the
+                    # items' times sum to the condition's generation time.
+                    wall, flushed[0], flushed[1] = now - flushed[1], k + 1, now
+                    verdict = grade(gen.text, p)
+                    key = (name, bool(verdict.correct))
+                    # A step map needs two steps; a one-step answer has none to draw.
+                    wanted = saliency is not False and (saliency is True or maps_made.get(key, 0) < saliency)
+                    if wanted and gen.trace.n_steps >= 2:
+                        maps_made[key] = maps_made.get(key, 0) + 1
+                        deferred.append((g, p, gen, verdict, wall))
+                    else:
+                        record(g, p, gen, verdict, None, wall)
+
+            options = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, interventions=ivs,
+                           format=trace_format, system=system, split=split,
+                           **({"split_summary": True} if split_summary else {}))
+
+            def budget(items):
+                return max_new_tokens if budgets is None else [budgets[problems[g // samples].id] for g in items]
+
+            if on_vllm:
+                # vLLM batches continuously inside a call; a call takes a run of consecutive
+                # items, whose seeds `seed_for_rows` lines up.
+                where = {g: j for j, g in enumerate(order)}
+                for batch in _runs(order, batch_size):
+                    gens = model.generate([prompt_for(problems[g // samples], style=prompt_style) for g in batch],
+                                          max_new_tokens=budget(batch), seed=seed_for_rows(seed, batch[0]),
+                                          **options)
+                    for g, gen in zip(batch, gens):
+                        on_finish(where[g], gen)
+            else:
+                generate(model, [prompt_for(p, style=prompt_style) for p in probs], max_new_tokens=budget(order),
+                         seed=seed, row_seeds=[item_seed(seed, g) for g in order], batch_size=batch_size,
+                         on_finish=on_finish, **options)
+            # Maps need the model without generation's hooks; an item's line is written
+            # after its map, so a recorded item always has its map.
+            for g, p, gen, verdict, wall in deferred:
+                rel, result = _save_saliency(model, gen, p, name, g % samples, verdict.correct, path,
+                                             saliency_loss)
+                fresh_maps[(p.id, name, g % samples)] = result
+                record(g, p, gen, verdict, rel, wall)
 
         if state:
             state.wait_for_everyone()

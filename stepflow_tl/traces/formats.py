@@ -22,7 +22,7 @@ import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import StepflowError, TraceError
-from ..tl.adapter import tokenizer_of
+from ..tl.adapter import Tokenizer, tokenizer_of
 
 STEP_KINDS = ("question", "thinking", "summary")
 FORMATS = ("r1", "harmony", "plain")
@@ -131,7 +131,12 @@ def render_prompt(model_or_tok, question: Question, system: Optional[str] = None
             raise TraceError(f"with chat=False a prompt must be the rendered prompt text (a str), got "
                              f"{type(question).__name__}")
         return question
-    tok = tokenizer_of(model_or_tok)
+    return _render_prompt(tokenizer_of(model_or_tok), question, system)
+
+
+def _render_prompt(tok: Tokenizer, question: Question, system: Optional[str]) -> str:
+    """`render_prompt` with chat for a resolved tokenizer (callers in this package
+    resolve the model once, at their entry point)."""
     messages, text = conversation(question, system)
     effort = {}
     if reasoning_effort is not None:
@@ -157,13 +162,18 @@ def find_question(model_or_tok, prompt_text: str, question: Optional[str] = None
     around a sentinel and the longest pieces of the text before/after the sentinel
     that occur in ``prompt_text`` delimit the question.
     """
+    return _find_question(tokenizer_of(model_or_tok), prompt_text, question)
+
+
+def _find_question(tok: Tokenizer, prompt_text: str, question: Optional[str]) -> Tuple[int, int]:
+    """`find_question` for a resolved tokenizer."""
     if question is not None:
         i = prompt_text.rfind(question)
         if i < 0 or not question.strip():
             raise TraceError(f"question text not found in the prompt (question={question[:60]!r})")
         return i, i + len(question)
     sentinel = "QQSTEPFLOWSENTINELQQ"
-    rendered = render_prompt(model_or_tok, sentinel)
+    rendered = _render_prompt(tok, sentinel, None)
     k = rendered.index(sentinel)
     before, after = rendered[:k], rendered[k + len(sentinel):]
     start = None

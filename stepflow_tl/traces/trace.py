@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Int
 
 from ..errors import StepflowError, TraceError
-from ..tl.adapter import tokenizer_of
+from ..tl.adapter import ModelOrTokenizer, Tokenizer, tokenizer_of
 from .formats import (
     FORMAT_CHOICES,
     SUMMARY_MARKERS,
@@ -41,16 +41,16 @@ from .formats import (
     Question,
     SplitSpec,
     StepParser,
+    _find_question,
+    _render_prompt,
     conversation,
     decode_with_offsets,
     detect_format,
-    find_question,
     format_for_parts,
     incomplete_warning,
     prompt_for_output,
     question_labels,
     render_output,
-    render_prompt,
     resolve_split,
     special_strings,
     token_labels,
@@ -78,9 +78,12 @@ class Step:
     token_span: Tuple[int, int]
 
 
-def tokenizer_fingerprint(model_or_tok) -> str:
+def tokenizer_fingerprint(model_or_tok: ModelOrTokenizer) -> str:
     """Short hash of the vocabulary size and the ids of a probe string."""
-    tok = tokenizer_of(model_or_tok)
+    return _fingerprint(tokenizer_of(model_or_tok))
+
+
+def _fingerprint(tok: Tokenizer) -> str:
     ids = tok.encode(_FINGERPRINT_PROBE, add_special_tokens=False)
     return hashlib.sha256(f"{len(tok)}|{list(ids)}".encode()).hexdigest()[:16]
 
@@ -249,11 +252,21 @@ class Trace:
         defaults to the model's ``n_ctx`` when a model is passed (no limit for a bare
         tokenizer); longer texts raise unless ``truncate=True``.
         """
+        tok, max_tokens = _resolve(model_or_tok, max_tokens)
+        return cls._from_text(tok, prompt_text, output_text, format, question=question, split=split,
+                              split_summary=split_summary, allow_no_thinking=allow_no_thinking,
+                              max_tokens=max_tokens, truncate=truncate, meta=meta)
+
+    @classmethod
+    def _from_text(cls, tok: Tokenizer, prompt_text: str, output_text: str, format: str = "auto", *,
+                   question: Optional[str] = None, split: SplitSpec = "blank_lines", split_summary: bool = False,
+                   allow_no_thinking: bool = False, max_tokens: Optional[int] = None, truncate: bool = False,
+                   meta: Optional[Dict[str, Any]] = None) -> "Trace":
+        """`from_text` for a resolved tokenizer and token limit (see `_resolve`)."""
         _check_str(prompt_text, "prompt_text")
         _check_str(output_text, "output_text")
-        tok = tokenizer_of(model_or_tok)
         enc = tok(prompt_text + output_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        return cls._segment(model_or_tok, prompt_text, output_text, list(enc["input_ids"]),
+        return cls._segment(tok, prompt_text, output_text, list(enc["input_ids"]),
                             [(int(x), int(y)) for x, y in enc["offset_mapping"]], format, question=question,
                             split=split, split_summary=split_summary, allow_no_thinking=allow_no_thinking,
                             max_tokens=max_tokens, truncate=truncate, meta=meta)
@@ -284,7 +297,7 @@ class Trace:
         tokenisation to a text that it would tokenise differently; the trace still holds
         the given ids.
         """
-        tok = tokenizer_of(model_or_tok)
+        tok, max_tokens = _resolve(model_or_tok, max_tokens)
         prompt_ids = _check_ids(prompt_ids, "prompt_ids")
         if not prompt_ids:
             raise TraceError("prompt_ids is empty; the prompt must hold the question")
@@ -294,25 +307,21 @@ class Trace:
         ids = prompt_ids + output_ids
         text, offsets = decode_with_offsets(tok, ids)
         boundary = offsets[len(prompt_ids)][0] if len(ids) > len(prompt_ids) else len(text)
-        return cls._segment(model_or_tok, text[:boundary], text[boundary:], ids, offsets, format,
+        return cls._segment(tok, text[:boundary], text[boundary:], ids, offsets, format,
                             question=question, split=split, split_summary=split_summary,
                             allow_no_thinking=allow_no_thinking, max_tokens=max_tokens, truncate=truncate,
                             meta=meta)
 
     @classmethod
-    def _segment(cls, model_or_tok, prompt_text, output_text, ids, offsets, format, *, question, split,
+    def _segment(cls, tok: Tokenizer, prompt_text, output_text, ids, offsets, format, *, question, split,
                  split_summary, allow_no_thinking, max_tokens, truncate, meta) -> "Trace":
         """Segment ``prompt_text + output_text`` whose tokens are ``ids`` with character
         ``offsets`` into that text."""
-        tok = tokenizer_of(model_or_tok)
         if format not in FORMAT_CHOICES:
             raise TraceError(f"format must be one of {FORMAT_CHOICES}, got {format!r}")
         fmt = detect_format(prompt_text, output_text) if format == "auto" else format
         split = resolve_split(split, fmt)
-        if max_tokens is None and tok is not model_or_tok:
-            cfg = getattr(model_or_tok, "cfg", None)
-            max_tokens = int(getattr(cfg, "n_ctx", 0) or 0) or None
-        q0, q1 = find_question(tok, prompt_text, question)
+        q0, q1 = _find_question(tok, prompt_text, question)
         off = len(prompt_text)
         starts = token_starts(offsets)
         # The output goes to the rule engine token by token, as `StepTracker` gives it:
@@ -359,14 +368,14 @@ class Trace:
         added when the summary already starts with a marker). Raises TraceError if the
         parts contain markup that would make the rendered text parse differently.
         """
-        tok = tokenizer_of(model_or_tok)
+        tok, kw["max_tokens"] = _resolve(model_or_tok, kw.get("max_tokens"))
         _check_str(thinking, "thinking")
         _check_str(summary, "summary", optional=True)
-        prompt = render_prompt(tok, question, system)
+        prompt = _render_prompt(tok, question, system)
         question = conversation(question, system)[1]
         has_summary = summary is not None and summary.strip() != ""
         fmt = format_for_parts(tok, format)
-        trace = cls.from_text(model_or_tok, prompt, render_output(fmt, thinking, summary), fmt,
+        trace = cls._from_text(tok, prompt, render_output(fmt, thinking, summary), fmt,
                               question=question, split=split, **kw)
         got_thinking = " ".join(trace.step_text("thinking").split())
         if got_thinking != " ".join(thinking.split()) or (has_summary and not trace.summary_steps):
@@ -382,23 +391,39 @@ class Trace:
         format); every other key goes to ``meta``. For r1 without an opening
         ``<think>`` in the output, the prompt gets ``"<think>\\n"`` appended, as the
         R1 chat templates do (unless the rendered prompt already ends with it)."""
+        tok, kw["max_tokens"] = _resolve(model_or_tok, kw.get("max_tokens"))
+        return cls._from_record(tok, record, format, system, **kw)
+
+    @classmethod
+    def _from_record(cls, tok: Tokenizer, record: Dict[str, Any], format: str = "auto", system=None,
+                     **kw) -> "Trace":
+        """`from_record` for a resolved tokenizer and token limit (see `_resolve`)."""
         if not isinstance(record, dict) or "question" not in record or "output" not in record:
             raise TraceError("a trace record needs 'question' and 'output' keys")
         question, output = record["question"], record["output"]
         if not isinstance(output, str):
             raise TraceError(f"'output' is {json.dumps(output)[:40]}, not text; fill it in or drop the record")
         text = conversation(question, system, name="record['question']")[1]
-        tok = tokenizer_of(model_or_tok)
-        prompt = render_prompt(tok, question, system)
+        prompt = _render_prompt(tok, question, system)
         question = text
         fmt = detect_format(prompt, output) if format == "auto" else format
         prompt = prompt_for_output(fmt, prompt, output)
         meta = {k: v for k, v in record.items() if k not in ("question", "output")}
-        return cls.from_text(model_or_tok, prompt, output, fmt, question=question, meta=meta, **kw)
+        return cls._from_text(tok, prompt, output, fmt, question=question, meta=meta, **kw)
 
     def step_text(self, kind: str) -> str:
         """The texts of all steps of ``kind`` joined by blank lines."""
         return "\n\n".join(s.text for s in self.steps if s.kind == kind)
+
+
+def _resolve(model_or_tok: ModelOrTokenizer, max_tokens: Optional[int]) -> Tuple[Tokenizer, Optional[int]]:
+    """The tokenizer and the token limit of an entry point's ``model_or_tok``, resolved
+    once and passed down: ``max_tokens`` if given, else the model's ``n_ctx`` (no limit
+    for a bare tokenizer)."""
+    tok = tokenizer_of(model_or_tok)
+    if max_tokens is None and tok is not model_or_tok:
+        max_tokens = int(getattr(getattr(model_or_tok, "cfg", None), "n_ctx", 0) or 0) or None
+    return tok, max_tokens
 
 
 def _check_str(value, name: str, optional: bool = False) -> None:
@@ -494,7 +519,7 @@ def _build(cls, tok, text, ids, starts, offsets, question_span, parser, fmt, all
         steps=steps,
         format=fmt,
         complete=complete,
-        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        tokenizer_fingerprint=_fingerprint(tok),
         meta=meta,
         token_offsets=torch.tensor([[int(a), int(b)] for a, b in offsets], dtype=torch.long).reshape(-1, 2),
     )
@@ -508,10 +533,11 @@ def load_traces(path, model_or_tok, format: str = "auto", **kw) -> List[Trace]:
     if not p.exists():
         raise TraceError(f"trace file not found: {p}")
     records = read_json_records(p, error=TraceError)
+    tok, kw["max_tokens"] = _resolve(model_or_tok, kw.get("max_tokens"))
     out = []
     for i, rec in enumerate(records):
         try:
-            t = Trace.from_record(model_or_tok, rec, format=format, **kw)
+            t = Trace._from_record(tok, rec, format=format, **kw)
         except TraceError as e:
             raise TraceError(f"{p}, record {i}: {e}") from None
         t.meta.setdefault("record_index", i)

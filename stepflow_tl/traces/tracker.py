@@ -31,9 +31,9 @@ from .formats import (
     STEP_KINDS,
     SplitSpec,
     StepParser,
+    _find_question,
     continues_character,
     decode,
-    find_question,
     question_labels,
     resolve_format,
     special_strings,
@@ -280,7 +280,7 @@ def prompt_positions(model_or_tok, prompt_text: str, question: Optional[str] = N
     """Token ids of ``prompt_text`` and the positions of its question tokens, by the
     same rule as :meth:`Trace.from_text`: ``(prompt_ids, question_positions)``."""
     tok = tokenizer_of(model_or_tok)
-    q0, q1 = find_question(tok, prompt_text, question)
+    q0, q1 = _find_question(tok, prompt_text, question)
     enc = tok(prompt_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     labels = token_labels(prompt_text, token_starts(enc["offset_mapping"]), question_labels(prompt_text, q0, q1))
     return list(enc["input_ids"]), [t for t, x in enumerate(labels) if x == 0]
