@@ -16,9 +16,10 @@ so every variant gives every item the same tokens. Variants:
   leaving and the next one joining with its own seed.
 
 The first two replay the old loop (``generate`` per batch, each item's seed, `grade`); the
-last one is `evaluate` itself. Printed per variant: decoding row-steps run, the wasted
-fraction (row-slots of the batch that produced no token the study keeps: finished rows run
-on, or rows left empty / ``batch`` x decoding steps), tokens / wall time and the ratios.
+last one is `evaluate` itself. Printed per variant: decoding steps and row-steps run, the
+wasted fraction (row-steps of rows that had already finished / all row-steps), the batch's
+occupancy (useful row-steps / ``batch`` x decoding steps: a batch that shrinks without
+refilling runs part-empty), tokens / wall time and the ratios.
 One fresh process per measurement, variants interleaved, best of ``--repeats``. The model is
 a random-weight 4-layer Llama of SmolLM2-135M's width.
 
@@ -72,6 +73,7 @@ def worker(args) -> None:
     if args.variant == "refilling":
         items = evaluate(model, problems, conditions=["baseline"], batch_size=args.batch, progress=False,
                          **kw).items
+        items = items.assign(index=items["problem_id"].str[1:].astype(int)).sort_values("index")
         outputs = [[int(n), text] for n, text in zip(items["n_tokens"], items["output"])]
     else:
         outputs = []
@@ -87,7 +89,8 @@ def worker(args) -> None:
     n_tokens = sum(n for n, _ in outputs)
     useful = n_tokens - len(outputs)  # the last token of a row is never run
     C.emit({"tokens": n_tokens, "seconds": seconds, "tok_s": n_tokens / seconds, "row_steps": sum(rows),
-            "steps": len(rows), "wasted": 1 - useful / (args.batch * len(rows)), "outputs": outputs})
+            "steps": len(rows), "wasted": 1 - useful / sum(rows), "occupancy": useful / (args.batch * len(rows)),
+            "outputs": outputs})
 
 
 def main(argv=None) -> None:
@@ -114,7 +117,7 @@ def main(argv=None) -> None:
                 print(f"  {variant}: {res['error']}", file=sys.stderr, flush=True)
                 continue
             print(f"  {variant:9s} run {rep + 1}: {res['tok_s']:.1f} tok/s, {res['row_steps']} row-steps, "
-                  f"{res['wasted']:.1%} wasted", file=sys.stderr, flush=True)
+                  f"{res['wasted']:.1%} wasted, {res['occupancy']:.1%} occupied", file=sys.stderr, flush=True)
             if res["tok_s"] > best.get(variant, {}).get("tok_s", 0):
                 best[variant] = res
             results.setdefault(variant, []).append(res["outputs"])
@@ -122,13 +125,14 @@ def main(argv=None) -> None:
     lengths = sorted(n for n, _ in next(iter(best.values()))["outputs"]) if best else []
     ratio = lambda v, base: f"{best[v]['tok_s'] / best[base]['tok_s']:.2f}" if base in best else "-"
     rows = [[v, best[v]["tokens"], best[v]["steps"], best[v]["row_steps"], f"{best[v]['wasted']:.1%}",
-             f"{best[v]['tok_s']:.1f}", ratio(v, "static"), ratio(v, "per_batch")] for v in VARIANTS if v in best]
+             f"{best[v]['occupancy']:.1%}", f"{best[v]['tok_s']:.1f}", ratio(v, "static"), ratio(v, "per_batch")]
+            for v in VARIANTS if v in best]
     print(f"Study, long-tailed: {args.items} items, batch {args.batch}, answer lengths {lengths} "
           f"(EOS after a token id divisible by {args.end_every}, at most {args.max_new_tokens}), random "
           f"{args.layers}-layer SmolLM2-width Llama (bridge), fp32, CPU, {C.n_threads()} thread(s), sampled, "
           f"best of {args.repeats} interleaved runs, one process each; same tokens in every run: {same}")
-    print(C.table(["variant", "tokens", "decoding steps", "row-steps", "wasted row-slots", "tok/s", "x static",
-                   "x per_batch"], rows))
+    print(C.table(["variant", "tokens", "decoding steps", "row-steps", "wasted row-steps", "batch occupancy",
+                   "tok/s", "x static", "x per_batch"], rows))
 
 
 if __name__ == "__main__":
