@@ -354,7 +354,8 @@ def test_saliency_file_names_are_unique_per_item_after_sanitising(tiny_bridge, t
 
 def test_study_maps_follow_auto_mode_so_long_traces_are_tiled(tiny_bridge, tokenizer, monkeypatch):
     """evaluate's maps use mode="auto": with the threshold lowered below the trace's
-    length, the map is tiled, and equals the bounded map to fp32 rounding."""
+    length, the map is tiled, and equals the dense map (auto's short-trace choice) to fp32
+    rounding."""
     import importlib
     from dataclasses import replace
 
@@ -374,8 +375,8 @@ def test_study_maps_follow_auto_mode_so_long_traces_are_tiled(tiny_bridge, token
         (saliency,) = result.saliency.values()
         assert saliency.meta["requested_mode"] == "auto"
         maps[saliency.meta["mode"]] = saliency.maps
-    assert set(maps) == {"tiled", "bounded"}
-    assert float((maps["tiled"] - maps["bounded"]).abs().max()) <= 1e-6 * float(maps["bounded"].abs().max())
+    assert set(maps) == {"tiled", "dense"}
+    assert float((maps["tiled"] - maps["dense"]).abs().max()) <= 1e-6 * float(maps["dense"].abs().max())
 
 
 # --------------------------------------------------------------------------- statistics and report

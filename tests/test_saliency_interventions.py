@@ -155,4 +155,7 @@ def test_tiled_mode_refuses_interventions_and_auto_falls_back(tiny_bridge, trace
     monkeypatch.setattr(compute, "AUTO_TILED_ABOVE", 1)
     assert step_saliency(tiny_bridge, trace, mode="auto").meta["mode"] == "tiled"
     intervened = step_saliency(tiny_bridge, trace, mode="auto", interventions=[strong_flow()])
+    assert intervened.meta["mode"] == "dense"  # the short trace's dense memory fits
+    monkeypatch.setattr(compute, "available_memory", lambda device: None)
+    intervened = step_saliency(tiny_bridge, trace, mode="auto", interventions=[strong_flow()])
     assert intervened.meta["mode"] == "bounded"

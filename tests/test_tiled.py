@@ -187,10 +187,34 @@ def test_per_head_and_layer_subset(tiny_model, trace):
 def test_auto_picks_tiled_for_long_traces(tiny_model, trace, monkeypatch):
     import stepflow_tl.saliency.compute as saliency
 
-    assert step_saliency(tiny_model, trace, mode="auto").meta["mode"] == "bounded"
+    assert step_saliency(tiny_model, trace, mode="auto").meta["mode"] == "dense"  # short, and it fits
+    monkeypatch.setattr(saliency, "available_memory", lambda device: 1 << 20)  # dense would not fit
+    assert step_saliency(tiny_model, trace, mode="auto").meta["mode"] == "tiled"
+    monkeypatch.setattr(saliency, "available_memory", lambda device: 1 << 40)
     monkeypatch.setattr(saliency, "AUTO_TILED_ABOVE", 10)
     result = step_saliency(tiny_model, trace, mode="auto")
     assert (result.meta["mode"], result.meta["requested_mode"]) == ("tiled", "auto")
+
+
+def test_the_result_says_which_tile_side_ran_and_any_side_gives_the_same_map(tiny_model, trace, monkeypatch):
+    import stepflow_tl.saliency.compute as saliency
+
+    default = step_saliency(tiny_model, trace, mode="tiled")
+    assert default.meta["block"] == 16  # TiledAttentionScope.BLOCK (16 in these tests), as on every CPU
+    for side in (7, 40, 512):
+        result = step_saliency(tiny_model, trace, mode="tiled", block=side)
+        assert result.meta["block"] == side
+        assert _rel(result.maps, default.maps) < 1e-6
+    assert "block" not in step_saliency(tiny_model, trace, mode="bounded").meta
+    with pytest.raises(StepflowError, match="block"):
+        step_saliency(tiny_model, trace, mode="tiled", block=0)
+    # On a GPU the side grows with free memory (28 heads: a 1024-side tile's working set is
+    # 0.66 GiB, a 4096-side one 10.5 GiB, against a quarter of the free memory), up to what
+    # the trace needs.
+    cuda = torch.device("cuda")
+    for free_gib, n_tokens, side in ((4, 100_000, 1024), (80, 100_000, 4096), (80, 300, 512), (0, 9000, 16)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free_gib: (f << 30, 80 << 30))
+        assert saliency.auto_tile_side(n_tokens, 28, cuda) == side, (free_gib, n_tokens)
 
 
 def test_model_forward_under_tiled_attention_is_unchanged(tiny_model, tokenizer):
@@ -231,7 +255,7 @@ def test_refusals_are_clear(tiny_model, trace, monkeypatch):
         monkeypatch.setattr(tiny_model.blocks[0].attn.original_component, "attn_logit_softcapping", 30.0, raising=False)
     with pytest.raises(StepflowError, match="soft-capping exactly; use mode='bounded'"):
         step_saliency(tiny_model, trace, mode="tiled")
-    assert step_saliency(tiny_model, trace, mode="auto").meta["mode"] == "bounded"
+    assert step_saliency(tiny_model, trace, mode="auto").meta["mode"] == "dense"
     assert all("forward" not in vars(b.attn) for b in tiny_model.blocks)
 
 

@@ -210,8 +210,8 @@ class _TiledGradients:
     `tl.attention.TiledAttention`, whose backward hands each recomputed tile of
     A and dL/dA to that layer's `tiled.TilePooler`; backward stops at the lowest mapped block's input."""
 
-    def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool):
-        self.pooler, self.layers = pooler, layers
+    def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool, block: int):
+        self.pooler, self.layers, self.block = pooler, layers, block
         self.target: Optional[torch.Tensor] = None
         self.tiles = {layer: TilePooler(trace.token_steps, pooler.onehot, n_heads, per_head, pooler.rule)
                       for layer in layers}
@@ -220,7 +220,7 @@ class _TiledGradients:
         return [(block_hook(self.layers[0], "resid_pre"), self._on_input)]
 
     def contexts(self, model) -> list:
-        return [TiledAttentionScope(model, self.tiles.get), checkpointed_blocks(model, self.layers[0])]
+        return [TiledAttentionScope(model, self.tiles.get, self.block), checkpointed_blocks(model, self.layers[0])]
 
     def _on_input(self, resid, hook):
         if self.target is None:
@@ -234,9 +234,74 @@ class _TiledGradients:
 
 _GRADIENTS = {"dense": _DenseGradients, "bounded": _BoundedGradients, "tiled": _TiledGradients}
 MODES = (*_GRADIENTS, "auto")
-# Above this many tokens "auto" picks tiled mode where the model's attention allows it
-# (else bounded): dense mode's attention of every layer outgrows a GPU there.
-AUTO_TILED_ABOVE = 2048
+# Above this many tokens "auto" picks tiled mode where the model's attention allows it:
+# on SmolLM2 (CPU, issue 24) dense was faster at 1,024 tokens and tiled at 2,048, and
+# dense mode's attention of every layer outgrows a GPU soon after.
+AUTO_TILED_ABOVE = 1536
+# "auto" runs dense mode (the authors' computation: one forward, one backward) where its
+# estimated peak, every mapped layer's attention kept for backward, takes at most this
+# share of the memory available on the device; else tiled (or bounded).
+DENSE_MEMORY_SHARE = 0.5
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device``: the CUDA allocator's free memory, or the kernel's
+    ``MemAvailable`` for the CPU (None where neither can be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def dense_memory(n_tokens: int, n_heads: int, n_layers_kept: int, vocab: int, dtype: torch.dtype) -> int:
+    """Estimated peak bytes of dense mode above the weights: each kept layer's attention
+    pattern and a same-sized temporary (fp32 at least), and the logits with their gradient."""
+    item = max(torch.finfo(dtype).bits // 8, 4)
+    return 2 * n_layers_kept * n_heads * n_tokens ** 2 * item + 2 * n_tokens * vocab * item
+
+
+def auto_mode(a, trace: Trace, layers: list, interventions: list, model: TLModel) -> str:
+    """The mode ``mode="auto"`` runs: tiled above `AUTO_TILED_ABOVE` tokens (where the
+    model's attention allows it and no intervention needs the pattern hooks), else dense
+    where `dense_memory` fits in `DENSE_MEMORY_SHARE` of `available_memory`, else tiled
+    (or bounded where tiled cannot run)."""
+    n_tokens = int(trace.token_ids.shape[0])
+    tiled_ok = not interventions and tiled_unsupported_reason(model) is None
+    if n_tokens > AUTO_TILED_ABOVE and tiled_ok:
+        return "tiled"
+    free = available_memory(a.device)
+    vocab = int(getattr(a.model.cfg, "d_vocab", 0) or 0)
+    need = dense_memory(n_tokens, a.n_heads, a.n_layers - min(layers), vocab, a.dtype)
+    if free is not None and need <= DENSE_MEMORY_SHARE * free:
+        return "dense"
+    return "tiled" if tiled_ok else "bounded"
+# Tile sides "auto" may pick on a GPU, and the share of the free device memory one tile's
+# working set may take (scores, probabilities, their gradients, the product and its
+# float64 pooling copy: about 24 bytes per head and element).
+TILE_SIDES = (256, 512, 1024, 2048, 4096)
+TILE_BYTES_PER_ELEMENT, TILE_MEMORY_SHARE = 24, 0.25
+
+
+def auto_tile_side(n_tokens: int, n_heads: int, device: torch.device) -> int:
+    """The tile side `step_saliency` uses in tiled mode when none is given. On a CPU,
+    `TiledAttentionScope.BLOCK`; on a GPU, where the per-tile Python overhead dominates small
+    tiles, the largest of `TILE_SIDES` (no longer than the trace needs) whose working set
+    fits in `TILE_MEMORY_SHARE` of the device's free memory."""
+    if device.type != "cuda":
+        return TiledAttentionScope.BLOCK
+    free = torch.cuda.mem_get_info(device)[0]
+    side = TiledAttentionScope.BLOCK
+    for candidate in TILE_SIDES:
+        if candidate > side and candidate < 2 * max(n_tokens, 1) and \
+                n_heads * candidate ** 2 * TILE_BYTES_PER_ELEMENT <= TILE_MEMORY_SHARE * free:
+            side = candidate
+    return side
 
 
 def step_saliency(
@@ -253,6 +318,7 @@ def step_saliency(
     loss_positions: Optional[Int[torch.Tensor, "n"]] = None,
     rule: str = "abs",
     target: TargetSpec = None,
+    block: Optional[int] = None,
 ) -> StepSaliency:
     """Step-Saliency maps of one trace.
 
@@ -271,8 +337,9 @@ def step_saliency(
             and attention runs tile by tile with the pooling inside its backward
             (`stepflow_tl.tl.attention`): no ``T x T`` matrix, memory linear in T; the
             layers' ``hook_attn_scores``/``hook_pattern`` do not fire) or ``"auto"``
-            (tiled above `AUTO_TILED_ABOVE` tokens where the model's attention allows
-            it, else bounded). All are exact. Bounded and tiled modes refuse a built-in
+            (`auto_mode`: tiled above `AUTO_TILED_ABOVE` tokens where the model's
+            attention allows it, else dense where its memory fits the device, else
+            tiled or bounded). All are exact. Bounded and tiled modes refuse a built-in
             loss on a model that transforms its logits after the unembedding
             (soft-capping); a callable loss gets whole logits in every mode.
         interventions, state: see `intervened`; the maps are then those of the
@@ -287,6 +354,9 @@ def step_saliency(
         target: with ``loss="logit"``: a `LogitTarget` or ``(position, token_id)``, the
             logit ``logits[0, position, token_id]``; None or ``"answer"``: the answer's
             first token, read at the position before it.
+        block: tiled mode's tile side in tokens (default `auto_tile_side`: 256 on a CPU,
+            growing with free memory on a GPU). ``meta["mode"]`` says which mode ran and,
+            for tiled mode, ``meta["block"]`` which tile side.
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
@@ -301,8 +371,7 @@ def step_saliency(
     requested = mode
     interventions = list(interventions)
     if mode == "auto":
-        long = trace.token_ids.shape[0] > AUTO_TILED_ABOVE
-        mode = "tiled" if long and not interventions and tiled_unsupported_reason(model) is None else "bounded"
+        mode = auto_mode(a, trace, layers, interventions, model)
     if mode == "tiled" and interventions:
         # Tiled layers never fire hook_attn_scores/hook_pattern, where OEB and its
         # controls edit attention: the edits would be silently skipped.
@@ -323,7 +392,9 @@ def step_saliency(
     pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device, rule)
     tokens = trace.token_ids[None].to(a.device)
     if mode == "tiled":
-        gradients = _TiledGradients(pooler, layers, trace, a.n_heads, per_head)
+        if block is None:
+            block = auto_tile_side(trace.token_ids.shape[0], a.n_heads, a.device)
+        gradients = _TiledGradients(pooler, layers, trace, a.n_heads, per_head, block)
     else:
         gradients = _GRADIENTS[mode](pooler, layers)
     with ExitStack() as stack:
@@ -355,6 +426,7 @@ def step_saliency(
         trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
         loss=loss_name, per_head=per_head,
         meta={"mode": mode, **({"requested_mode": requested} if requested != mode else {}),
+              **({"block": gradients.block} if mode == "tiled" else {}),
               "loss_value": float(value.detach()), **_intervention_meta(interventions),
               **({"target": [logit.position, logit.token_id]} if logit is not None else {})},
     )

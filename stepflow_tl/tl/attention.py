@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch.autograd.function import FunctionCtx
 
-from ..errors import StepflowError
+from ..errors import StepflowError, check_int
 from .adapter import TLModel, adapter
 
 TileFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]
@@ -252,6 +252,7 @@ class TiledAttentionScope:
     Args:
         model: ``TransformerBridge`` or ``HookedTransformer``.
         on_tile: ``layer -> TileFn or None``: the pooler of each layer (None: no pooling).
+        block: side of a square tile in tokens (default `BLOCK`).
 
     Each attention module's ``forward`` is shadowed (instance ``__dict__``), then restored.
     The hooks on ``O(T d)`` tensors still fire where the model fires them (``hook_q``,
@@ -264,11 +265,11 @@ class TiledAttentionScope:
     # trace has 8k tiles per pass per layer, few enough for a Python loop.
     BLOCK = 256
 
-    def __init__(self, model: TLModel, on_tile: Callable[[int], Optional[TileFn]]):
+    def __init__(self, model: TLModel, on_tile: Callable[[int], Optional[TileFn]], block: Optional[int] = None):
         self.model = model
         self.kind = adapter(model).kind
         self.on_tile = on_tile
-        self.block = self.BLOCK
+        self.block = self.BLOCK if block is None else check_int("block (tile side in tokens)", block, low=1)
         self._stack = ExitStack()
 
     def __enter__(self):
