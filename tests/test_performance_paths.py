@@ -348,4 +348,5 @@ def test_issue24_gpu_benchmark_runs_on_cpu_with_a_tiny_config():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "not run" not in out.stdout and "OOM" not in out.stdout, out.stdout + out.stderr[-2000:]
-    assert "|  96 |     1 |" in out.stdout and "bounded" in out.stdout, out.stdout
+    assert "|  96 |     1 |" in out.stdout, out.stdout
+    assert re.search(r"\|\s+(dense|bounded|tiled)( \(\d+\))? \|", out.stdout), out.stdout  # the mode auto ran
