@@ -1,7 +1,7 @@
 """Benchmark 7: a study on a long-tailed workload, batches run one after another vs one
 refilling batch.
 
-``--items`` problems (questions of ``r1_traces.jsonl``), one condition (baseline), sampled
+``--items`` problems (questions of ``r1_traces.jsonl``, which has 71), one condition (baseline), sampled
 (temperature 1). Random weights never say EOS, so the workload gets its long tail from a
 rule applied at every decoding step (`ModelAdapter.decode`): a row ends after any token
 whose id is a multiple of ``--end-every`` (a 1-in-k chance per token, so answer lengths are
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     rows = [[v, best[v]["tokens"], best[v]["steps"], best[v]["row_steps"], f"{best[v]['wasted']:.1%}",
              f"{best[v]['occupancy']:.1%}", f"{best[v]['tok_s']:.1f}", ratio(v, "static"), ratio(v, "per_batch")]
             for v in VARIANTS if v in best]
-    print(f"Study, long-tailed: {args.items} items, batch {args.batch}, answer lengths {lengths} "
+    print(f"Study, long-tailed: {len(lengths)} items, batch {args.batch}, answer lengths {lengths} "
           f"(EOS after a token id divisible by {args.end_every}, at most {args.max_new_tokens}), random "
           f"{args.layers}-layer SmolLM2-width Llama (bridge), fp32, CPU, {C.n_threads()} thread(s), sampled, "
           f"best of {args.repeats} interleaved runs, one process each; same tokens in every run: {same}")
