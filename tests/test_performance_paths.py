@@ -333,20 +333,3 @@ def test_a_pattern_hook_added_inside_the_fused_block_fires(tiny_model, fused_cal
         assert len(fused_calls) == 2 * n_layers - 1
     assert all("forward" not in vars(block.attn) for block in tiny_model.blocks)
 
-
-def test_issue24_gpu_benchmark_runs_on_cpu_with_a_tiny_config():
-    """benchmarks/issue24_gpu_7b.py end to end (every variant, both tables) on a 2-layer
-    model of the 7B's architecture."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = subprocess.run(
-        [sys.executable, "benchmarks/issue24_gpu_7b.py", "--tiny", "--device", "cpu", "--dtype", "float32",
-         "--tokens", "96", "--batch", "1", "--new-tokens", "2", "--budget-s", "3000"],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=3600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "not run" not in out.stdout and "OOM" not in out.stdout, out.stdout + out.stderr[-2000:]
-    assert "|  96 |     1 |" in out.stdout, out.stdout
-    assert re.search(r"\|\s+(dense|bounded|tiled)( \(\d+\))? \|", out.stdout), out.stdout  # the mode auto ran
