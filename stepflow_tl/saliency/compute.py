@@ -281,6 +281,8 @@ def auto_mode(a, trace: Trace, layers: list, interventions: list, model: TLModel
     if free is not None and need <= DENSE_MEMORY_SHARE * free:
         return "dense"
     return "tiled" if tiled_ok else "bounded"
+
+
 # Tile sides "auto" may pick on a GPU, and the share of the free device memory one tile's
 # working set may take (scores, probabilities, their gradients, the product and its
 # float64 pooling copy: about 24 bytes per head and element).

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch.autograd.function import FunctionCtx
 
-from ..errors import StepflowError, check_int
+from ..checks import check_int
+from ..errors import StepflowError
 from .adapter import TLModel, adapter
 
 TileFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]

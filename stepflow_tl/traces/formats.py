@@ -131,10 +131,11 @@ def render_prompt(model_or_tok, question: Question, system: Optional[str] = None
             raise TraceError(f"with chat=False a prompt must be the rendered prompt text (a str), got "
                              f"{type(question).__name__}")
         return question
-    return _render_prompt(tokenizer_of(model_or_tok), question, system)
+    return _render_prompt(tokenizer_of(model_or_tok), question, system, reasoning_effort)
 
 
-def _render_prompt(tok: Tokenizer, question: Question, system: Optional[str]) -> str:
+def _render_prompt(tok: Tokenizer, question: Question, system: Optional[str],
+                   reasoning_effort: Optional[str] = None) -> str:
     """`render_prompt` with chat for a resolved tokenizer (callers in this package
     resolve the model once, at their entry point)."""
     messages, text = conversation(question, system)
