@@ -76,3 +76,118 @@ def test_generate_checks_the_context_before_generating(tiny_bridge):
         generate(tiny_bridge, ["What is 2 + 2?"], max_new_tokens=100000)
     with pytest.raises(StepflowError, match=r"prompt 1 has"):
         generate(tiny_bridge, ["hi", "hello"], max_new_tokens=[2, n_ctx])
+
+
+# --------------------------------------------------------------------------- the command line
+from stepflow_tl.cli.main import main  # noqa: E402
+
+GOOD = {"question": "Sam has 2 pens and buys 3 more. How many pens does he have?",
+        "output": "Sam starts with 2 pens.\n\nHe buys 3, so 2 + 3 = 5.\n</think>\n\nAnswer: \\boxed{5}",
+        "correct": True}
+
+
+def _one_line_error(capsys, argv, match):
+    import re
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("stepflow-tl: error: ") == 1, err
+    assert err.rstrip("\n").split("\n")[-1].startswith("stepflow-tl: error: "), err
+    assert re.search(match, err), err
+    return err
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Every check below must fire before a model is loaded: loading one fails the test."""
+    import stepflow_tl.cli.common as common
+
+    def refuse(args):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: refuse(None))
+
+
+def _write(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"correct": "yes"}, r"record 1: 'correct' is \"yes\", not true or false; write a JSON boolean"),
+    ({"correct": 1}, r"record 1: 'correct' is 1, not true or false"),
+    ({"question": None}, r"record 1: 'question' must be a str or a chat conversation .* got NoneType"),
+    ({"question": ""}, r"record 1: 'question' is empty"),
+    ({"question": 5}, r"record 1: 'question' must be a str"),
+    ({"output": ["a"]}, r"record 1: 'output' is \[\"a\"\], not text"),
+])
+@pytest.mark.parametrize("command", ["saliency", "validate"])
+def test_trace_records_are_checked_before_the_model_loads(tmp_path, capsys, no_model, command, record, match):
+    path = _write(tmp_path / "t.jsonl", GOOD, {**GOOD, **record})
+    _one_line_error(capsys, [command, path, "--out", str(tmp_path / "o")], r"t\.jsonl, " + match)
+
+
+@pytest.mark.parametrize("question", [None, ["a"], {"q": 1}, True, ""])
+def test_eval_refuses_a_question_that_is_not_text(tmp_path, capsys, no_model, question):
+    path = _write(tmp_path / "p.jsonl", {"id": "a", "question": "What is 1 + 1?", "answer": "2"},
+                  {"id": "b", "question": question, "answer": "2"})
+    _one_line_error(capsys, ["eval", path, "--out", str(tmp_path / "o")],
+                    r"p\.jsonl, row 1: field 'question' is (empty|.*, not text)")
+
+
+def test_an_empty_trace_file_is_named(tmp_path, capsys, no_model):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    for command in ("saliency", "validate"):
+        _one_line_error(capsys, [command, str(path), "--out", str(tmp_path / "o")],
+                        r"empty\.jsonl holds no trace records")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["saliency", "T", "--max-tokens", "-5"], r"--max-tokens must be an integer >= 1, got -5"),
+    (["saliency", "T", "--limit", "0"], r"--limit must be an integer >= 1, got 0"),
+    (["saliency", "T", "--maps-in-report", "-1"], r"--maps-in-report must be an integer >= 0"),
+    (["validate", "T", "--max-tokens", "0"], r"--max-tokens must be an integer >= 1, got 0"),
+    (["validate", "T", "--skip-longer"], r"--skip-longer has no effect without --max-tokens N"),
+    (["validate", "T", "--n-boot", "5"], r"--n-boot must be an integer >= 100, got 5"),
+    (["validate", "T", "--max-key-steps", "-2"], r"--max-key-steps must be an integer >= -1"),
+    (["validate", "T", "--conditions", "stepflow"], r"the conditions must include 'baseline'"),
+    (["eval", "--saliency", "-5"], r"--saliency must be an integer >= -1, got -5"),
+    (["eval", "--max-new-tokens", "0"], r"--max-new-tokens must be an integer >= 1"),
+    (["eval", "--batch-size", "0"], r"--batch-size must be an integer >= 1"),
+    (["eval", "--n-per-level", "0"], r"--n-per-level must be an integer >= 1"),
+    (["eval", "--do-sample", "--temperature", "0"], r"--temperature must be a finite number in \(0.0, inf\)"),
+    (["eval", "--do-sample", "--top-p", "1.5"], r"--top-p must be a finite number in \(0.0, 1.0\]"),
+    (["generate", "q", "--max-new-tokens", "0"], r"--max-new-tokens must be an integer >= 1"),
+    (["generate", "q", "--sample", "--temperature", "-1"], r"--temperature must be a finite number"),
+    (["generate", "q", "--device", "cuda:99"], r"--device: device 'cuda:99' (needs CUDA|: there)"),
+    (["generate", "q", "--device", "gpu"], r"--device: device 'gpu' is not a torch device; use cpu, cuda"),
+    (["info", "--device", "banana"], r"--device: device 'banana' is not a torch device"),
+])
+def test_options_are_checked_before_the_model_loads(tmp_path, capsys, no_model, argv, match):
+    traces = _write(tmp_path / "t.jsonl", GOOD)
+    argv = [traces if a == "T" else a for a in argv]
+    if argv[0] != "generate" and argv[0] != "info":
+        argv += ["--out", str(tmp_path / "o")]
+    _one_line_error(capsys, argv, match)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line(capsys, no_model):
+    _one_line_error(capsys, ["info", "--device", "cuda"],
+                    r"--device: device 'cuda' needs CUDA, which is not available here .*; use cpu")
+
+
+def test_cut_traces_say_what_was_cut(tmp_path, capsys, tiny_bridge):
+    # --max-tokens 5 used to say "more than max_tokens=5 (the model's context)", and a
+    # cut that keeps no thinking "the trace has no thinking step"
+    with pytest.raises(TraceError, match=r"more than max_tokens=5; pass truncate=True"):
+        Trace.from_record(tiny_bridge, GOOD, max_tokens=5)
+    with pytest.raises(TraceError, match=r"cut to max_tokens=5 tokens, the trace keeps none of its thinking"):
+        Trace.from_record(tiny_bridge, GOOD, max_tokens=5, truncate=True)
+    traces = _write(tmp_path / "t.jsonl", GOOD)
+    _one_line_error(capsys, ["validate", traces, "--model", "tiny", "--max-tokens", "5", "--out", str(tmp_path / "o")],
+                    r"record 0: cut to max_tokens=5 tokens, the trace keeps none of its thinking .*raise max_tokens")
+    _one_line_error(capsys, ["validate", traces, "--model", "tiny", "--max-tokens", "5", "--skip-longer",
+                             "--out", str(tmp_path / "o")],
+                    r"every trace of .*t\.jsonl is longer than --max-tokens 5, so --skip-longer left none")

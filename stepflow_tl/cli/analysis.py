@@ -7,21 +7,28 @@ import sys
 from dataclasses import replace
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..errors import StepflowError
-from ..saliency import Diagnostics, StepSaliency, compare, diagnose, step_saliency
+from ..saliency import Diagnostics, compare, diagnose
 from ..saliency.diagnostics import HIGH_ACCURACY, LOW_ACCURACY, compare_by_accuracy
 from ..saliency.compute import MODES, SALIENCY_POOLS
 from ..saliency.diagnostics import HEADLINE_HEADERS
-from ..saliency.losses import LOSSES, loss_target_positions
+from ..saliency.losses import LOSSES
 from ..saliency.receivers import PROXIMITY_IGNORE, TOP_K, mean_kurtosis, receiver_heads
 from ..saliency.rules import RULES, parse_target
+from ..study.saliency_maps import saliency_maps
 from ..tl.models import EMBEDDED_NAME, embedded_gguf_path, model_info
-from ..traces import load_traces
 from ..traces.formats import SPLIT_CHOICES
 from ..viz import DEFAULT_VIEW, VIEWS, Report, plot_receiver_heads
-from .common import add_model_args, launch_state, load_from_args, prepare_out, refuse_unused
+from .common import (
+    add_model_args,
+    check_flags,
+    launch_state,
+    load_from_args,
+    prepare_out,
+    refuse_unused,
+    trace_records_from_args,
+)
 
 
 def cmd_info(args) -> int:
@@ -35,16 +42,15 @@ def cmd_info(args) -> int:
 
 
 def cmd_saliency(args) -> int:
-    """Maps of every trace; a trace whose loss has no target (``--loss answer`` on a
-    trace without an answer) is skipped, named in ``skipped.csv``, the report and on
-    stderr, and the others are still computed and written. Under ``accelerate launch``
-    the traces are split across the processes (one model each) and the main process
-    gathers the saved maps."""
+    """Maps of every trace (`stepflow_tl.study.saliency_maps`, a locked, resumable run);
+    a trace whose loss has no target (``--loss answer`` on a trace without an answer)
+    is skipped, named in ``skipped.csv``, the report and on stderr, and the others are
+    still computed and written. Under ``accelerate launch`` the traces are split across
+    the processes (one model each) and the main process writes the tables and report."""
     if args.max_tokens is None:
         refuse_unused(args, {"truncate": "--truncate"}, "without --max-tokens N",
                       "add --max-tokens N (the length to cut to) or drop --truncate")
-    if args.limit is not None and args.limit < 1:
-        raise StepflowError(f"--limit must be >= 1, got {args.limit}")
+    check_flags(args, ints=[("max_tokens", 1, None), ("limit", 1, None), ("maps_in_report", 0, None)])
     if args.loss != "logit":
         refuse_unused(args, {"target": "--target"}, f"with --loss {args.loss}", "use --loss logit or drop --target")
     if not args.receiver_heads:
@@ -58,54 +64,32 @@ def cmd_saliency(args) -> int:
     rank = state.process_index if state else 0
     out = prepare_out(args.out)
     model = load_from_args(args)
-    traces = load_traces(args.traces, model, max_tokens=args.max_tokens, truncate=args.truncate,
-                         split=args.split, split_summary=args.split_summary)
-    if not traces:
-        raise StepflowError(f"{args.traces} holds no trace records; expected JSON Lines (or JSON) records with "
-                            "'question' and 'output'")
-    if args.limit:
-        traces = traces[: args.limit]
-    measurable, skipped, positions = [], [], {}
-    for i, trace in enumerate(traces):
-        trace.meta.setdefault("trace_id", i)
-        try:
-            # the loss has something to score (an explicit logit target needs no answer)
-            positions[i] = None if target is not None else loss_target_positions(args.loss, trace)
-        except StepflowError as exc:
-            skipped.append({"trace": i, "record": trace.meta.get("record_index", i),
-                            "id": trace.meta.get("id", trace.meta.get("trace_id")), "reason": str(exc)})
-            continue
-        measurable.append(i)
-    mine = measurable
-    if state:
-        with state.split_between_processes(mine) as part:
-            mine = list(part)
-    receivers = {}
-    for i in tqdm(mine, desc="step saliency", unit="trace", disable=rank != 0):
-        step_saliency(model, traces[i], loss=args.loss, pool=args.pool, mode=args.mode,
-                      loss_positions=positions[i], rule=args.rule, target=target).save(out / f"trace{i:04d}")
-        if args.receiver_heads:
-            found = receiver_heads(model, traces[i], proximity_ignore=args.proximity_ignore or PROXIMITY_IGNORE)
-            found.ranked().to_csv(out / f"trace{i:04d}.receiver_heads.csv", index=False)
-            found.to_dataframe().to_csv(out / f"trace{i:04d}.receiver_scores.csv", index=False)
-            receivers[i] = found
-    if state:
-        state.wait_for_everyone()
+    run = saliency_maps(model, args.traces, out, loss=args.loss, pool=args.pool, mode=args.mode, rule=args.rule,
+                        target=target, split=args.split, split_summary=args.split_summary,
+                        max_tokens=args.max_tokens, truncate=args.truncate, limit=args.limit,
+                        progress=rank == 0)
     if rank != 0:
         return 0
-    results, rows = [], []
-    for i in measurable:
-        trace = traces[i]
-        result = StepSaliency.load(out / f"trace{i:04d}")
+    skipped = [{"trace": r["index"], "record": r["record"], "id": r["id"], "reason": r["skipped"]}
+               for r in run.skipped]
+    n_traces = len(run.records)
+    results, receivers = [], {}
+    for r in run.measured:
+        i, trace = r["index"], run.traces[r["index"]]
+        result = run.load(i)
         texts = [step.text for step in trace.steps]
         if "graphml" in args.export:
             result.save_graphml(out / f"trace{i:04d}.graphml", texts)
         if "step_importance" in args.export:
             result.save_step_importance(out / f"trace{i:04d}.step_importance.json", texts)
+        if args.receiver_heads:
+            found = receiver_heads(model, trace, proximity_ignore=args.proximity_ignore or PROXIMITY_IGNORE)
+            found.ranked().to_csv(out / f"trace{i:04d}.receiver_heads.csv", index=False)
+            found.to_dataframe().to_csv(out / f"trace{i:04d}.receiver_scores.csv", index=False)
+            receivers[i] = found
         # the diagnostics read magnitudes: signed maps get them from |maps|, and say so
         diag = diagnose(replace(result, maps=result.maps.abs()) if result.rule == "signed" else result)
-        rows.append({"trace": i, "record": trace.meta.get("record_index", i), "rule": result.rule, **diag.summary()})
-        results.append((trace, result, diag))
+        results.append((r, result, diag))
     report = Report(f"Step-Saliency of {args.traces}")
     if args.rule == "signed":
         report.add_text("rule=signed: the maps hold A x dL/dA with its sign; the diagnostics and the pictures "
@@ -114,19 +98,18 @@ def cmd_saliency(args) -> int:
     if skipped:
         skipped_frame = pd.DataFrame(skipped)
         skipped_frame.to_csv(out / "skipped.csv", index=False)
-        report.add_text(f"{len(skipped)} of {len(traces)} traces were skipped (loss={args.loss!r} had nothing to "
+        report.add_text(f"{len(skipped)} of {n_traces} traces were skipped (loss={args.loss!r} had nothing to "
                         "measure in them); the table below names them.", css_class="note")
         report.add_table(skipped_frame, caption="Skipped traces")
-    metrics = pd.DataFrame(rows)
+    metrics = run.metrics()
     if results:
         metrics.to_csv(out / "metrics.csv", index=False)
         shown = [c for c in ("trace", "record", "id", "correct", *Diagnostics.HEADLINES, "n_question", "n_thinking",
                              "n_summary", "n_layers", "mode", "loss_value") if c in metrics.columns]
         report.add_table(metrics[shown], caption=f"Diagnostics per trace (all columns: {out / 'metrics.csv'})",
                          headers=HEADLINE_HEADERS)
-    labelled = [(t.meta.get("correct"), r) for t, r, _ in results]
-    correct = [r for label, r in labelled if label is True]
-    incorrect = [r for label, r in labelled if label is False]
+    correct = [m for r, m, _ in results if r["correct"] is True]
+    incorrect = [m for r, m, _ in results if r["correct"] is False]
     if len(correct) >= 2 and len(incorrect) >= 2:
         comparison = compare(correct, incorrect)
         comparison.to_csv(out / "compare.csv", index=False)
@@ -146,12 +129,12 @@ def cmd_saliency(args) -> int:
         report.add_table(ranking.head(TOP_K), caption=f"Receiver heads: kurtosis of each head's vertical scores "
                          f"(proximity_ignore={args.proximity_ignore or PROXIMITY_IGNORE}), mean over traces, top {TOP_K} "
                          f"(all heads: {out / 'receiver_heads.csv'})")
-    for trace, result, diag in results[: args.maps_in_report]:
+    for r, result, diag in results[: args.maps_in_report]:
         result = replace(result, maps=result.maps.abs()) if result.rule == "signed" else result
-        title = f"trace {trace.meta['trace_id']} (correct={trace.meta.get('correct')})"
+        title = f"trace {result.meta.get('trace_id', r['index'])} (correct={r['correct']})"
         report.add_step_maps(result, title=title, view=args.view)
         report.add_step_maps(result, title=f"{title}: band means", view=args.view, bands=diag.bands)
-        found = receivers.get(trace.meta["trace_id"])
+        found = receivers.get(r["index"])
         if found is not None:
             report.add_figure(plot_receiver_heads(found.kurtosis, found.layers, found.step_scores(),
                                                   found.step_labels, title=f"{title}: receiver heads"),
@@ -160,7 +143,7 @@ def cmd_saliency(args) -> int:
     path = report.save(out / "report.html")
     if skipped:
         records = ", ".join(str(s["record"]) for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-        print(f"stepflow-tl: skipped {len(skipped)} of {len(traces)} traces (records {records}): "
+        print(f"stepflow-tl: skipped {len(skipped)} of {n_traces} traces (records {records}): "
               f"{skipped[0]['reason']}; all are listed in {out / 'skipped.csv'}", file=sys.stderr)
     if not results:
         raise StepflowError(f"no trace of {args.traces} could be measured with --loss {args.loss}; "

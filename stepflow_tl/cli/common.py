@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..checks import check_int, check_real
 from ..engines import ENGINES
 from ..errors import StepflowError
 from ..interventions.base import LAYER_BANDS
 from ..study.run import distributed_state
-from ..tl.models import BACKENDS, DTYPES, load_model
+from ..tl.models import BACKENDS, DTYPES, check_device, load_model
+from ..traces.trace import read_trace_records
 
 # What --sample/--do-sample use when --temperature/--top-p/--seed are not given (the paper's decoding).
 SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "seed": 0}
@@ -107,6 +109,42 @@ def prepare_out(path, flag: str = "--out") -> Path:
     return out
 
 
+def check_flags(args, ints=()) -> None:
+    """Range checks of integer flags before anything is loaded: ``ints`` holds
+    ``(dest, low, high)``; a flag left at None is not checked. The error names the flag
+    as it is typed (``--max-tokens must be an integer >= 1, got -5``)."""
+    for dest, low, high in ints:
+        if getattr(args, dest, None) is not None:
+            check_int("--" + dest.replace("_", "-"), getattr(args, dest), low=low, high=high)
+
+
+def check_sampling_flags(args) -> None:
+    """``--temperature`` in (0, inf) and ``--top-p`` in (0, 1], before the model loads."""
+    if getattr(args, "temperature", None) is not None:
+        check_real("--temperature", args.temperature, low=0.0, low_open=True)
+    if getattr(args, "top_p", None) is not None:
+        check_real("--top-p", args.top_p, low=0.0, high=1.0, low_open=True)
+
+
+def check_device_arg(args) -> None:
+    """Refuse a ``--device`` that does not exist here (``cuda`` without CUDA, ``gpu``)."""
+    if getattr(args, "device", None) is not None:
+        try:
+            check_device(args.device)
+        except StepflowError as exc:
+            raise StepflowError(f"--device: {exc}") from None
+
+
+def trace_records_from_args(path) -> list:
+    """The checked records of the trace file ``path`` (read without a model, so a bad
+    or empty file is refused before one loads)."""
+    records = read_trace_records(path)
+    if not records:
+        raise StepflowError(f"{path} holds no trace records; expected JSON Lines (or JSON) records with "
+                            "'question' and 'output'")
+    return records
+
+
 def refuse_unused(args, flags, condition: str, fix: str) -> None:
     """Raise naming the flags of ``flags`` (``{dest: "--flag"}``) that were given although
     they have no effect under ``condition``, instead of silently ignoring them."""
@@ -133,6 +171,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     file: permissions, a full disk, a path that is a file) becomes one line on stderr
     and exit code 2; anything else is a bug and keeps its traceback."""
     try:
+        check_device_arg(args)
         return func(args)
     except StepflowError as exc:
         print(f"stepflow-tl: error: {exc}", file=sys.stderr)

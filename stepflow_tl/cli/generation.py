@@ -9,7 +9,15 @@ from ..interventions import OddsEqualBridge, StepFlow, StepMomentum, generate, r
 from ..interventions.base import layer_indices
 from ..traces.formats import FORMAT_CHOICES, REASONING_EFFORTS, SPLIT_CHOICES
 from .common import (
-    SAMPLING_DEFAULTS, add_engine_arg, add_model_args, check_engine_args, load_from_args, parse_layers, refuse_unused,
+    SAMPLING_DEFAULTS,
+    add_engine_arg,
+    add_model_args,
+    check_engine_args,
+    check_flags,
+    check_sampling_flags,
+    load_from_args,
+    parse_layers,
+    refuse_unused,
 )
 
 
@@ -45,6 +53,8 @@ def cmd_generate(args) -> int:
     if not args.sample:
         refuse_unused(args, {"temperature": "--temperature", "top_p": "--top-p", "seed": "--seed"},
                       "without --sample (greedy decoding draws nothing)", "add --sample or drop the flag")
+    check_flags(args, ints=[("max_new_tokens", 1, None)])
+    check_sampling_flags(args)
     if args.preset is not None:
         refuse_unused(args, {"stepflow": "--stepflow", "oeb": "--oeb", "smi": "--smi", "beta": "--beta"},
                       "with --preset (it chooses the layers)", "drop the flag, or drop --preset")

@@ -21,7 +21,15 @@ from ..study.problems import BENCHMARK_BUDGETS
 from ..study.demo import honesty_note, run_demo
 from ..traces.formats import FORMAT_CHOICES, SPLIT_CHOICES
 from .common import (
-    SAMPLING_DEFAULTS, add_engine_arg, add_model_args, check_engine_args, launch_state, load_from_args, prepare_out,
+    SAMPLING_DEFAULTS,
+    add_engine_arg,
+    add_model_args,
+    check_engine_args,
+    check_flags,
+    check_sampling_flags,
+    launch_state,
+    load_from_args,
+    prepare_out,
     refuse_unused,
 )
 
@@ -106,6 +114,9 @@ def run_study_cli(args, *, title: Optional[str] = None, notes: str = "") -> Stud
             # Greedy copies of one output would count as independent items in the intervals.
             raise StepflowError(f"--samples {args.samples} without --do-sample repeats the same greedy output "
                                 f"{args.samples} times and would shrink every interval; add --do-sample or drop it")
+    check_flags(args, ints=[("samples", 1, None), ("max_new_tokens", 1, None), ("batch_size", 1, None),
+                            ("saliency", -1, None), ("n_per_level", 1, None)])
+    check_sampling_flags(args)
     check_engine_args(args)
     if args.engine == "vllm" and args.saliency:
         raise StepflowError("--saliency needs a TransformerLens model; with --engine vllm run without it and map "

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import warnings
 
+from ..errors import StepflowError
 from ..saliency.losses import LOSSES
 from ..study import CONDITIONS, VALIDATION_CONDITIONS, ValidationConfig, validate
 from ..traces import TraceWarning, load_traces
 from ..traces.formats import SPLIT_CHOICES
-from .common import add_model_args, launch_state, load_from_args
+from .common import (
+    add_model_args,
+    check_flags,
+    launch_state,
+    load_from_args,
+    prepare_out,
+    refuse_unused,
+    trace_records_from_args,
+)
 
 
 def add_validate_arguments(parser) -> None:
@@ -59,6 +68,9 @@ def traces_from_args(args, model) -> tuple:
             traces = load_traces(args.traces, model, max_tokens=limit, truncate=limit is not None, **steps)
     for i, t in enumerate(traces):
         t.meta.setdefault("trace_id", t.meta.get("record_index", i))
+    if not traces:
+        raise StepflowError(f"every trace of {args.traces} is longer than --max-tokens {limit}, so --skip-longer "
+                            "left none; raise --max-tokens or drop --skip-longer to cut them instead")
     if args.limit:
         traces = traces[: args.limit]
     settings = {"max_tokens": limit, "longer": "skip" if args.skip_longer else "cut"}
@@ -68,15 +80,23 @@ def traces_from_args(args, model) -> tuple:
 
 
 def run_validate_cli(args) -> int:
-    """The study, then (main process) the CSV files and the report."""
-    state = launch_state(args)
-    model = load_from_args(args)
-    traces, settings = traces_from_args(args, model)
+    """The study, then (main process) the CSV files and the report. Every flag and the
+    trace file are checked before the model loads."""
+    if args.max_tokens is None:
+        refuse_unused(args, {"skip_longer": "--skip-longer"}, "without --max-tokens N",
+                      "add --max-tokens N (traces longer than N are left out) or drop --skip-longer")
+    check_flags(args, ints=[("max_tokens", 1, None), ("limit", 1, None), ("max_key_steps", -1, None),
+                            ("n_boot", 100, None), ("maps_in_report", 0, None)])
     config = ValidationConfig(conditions=args.conditions,
                               max_key_steps=None if args.max_key_steps < 0 else args.max_key_steps,
                               knockout_bands=args.knockout_bands, seed=args.seed, loss=args.loss, mode=args.mode,
                               n_boot=args.n_boot, maps_in_report=args.maps_in_report, resampling=args.resampling,
                               resampling_tokens=args.resampling_tokens, resampling_kind=args.resampling_kind)
+    prepare_out(args.out)
+    trace_records_from_args(args.traces)
+    state = launch_state(args)
+    model = load_from_args(args)
+    traces, settings = traces_from_args(args, model)
     result = validate(model, traces, args.out, config=config, progress=not args.no_progress, **settings)
     if not state or state.is_main_process:
         paths = result.to_csv()

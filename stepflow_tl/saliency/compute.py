@@ -26,6 +26,7 @@ same result type.
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -37,6 +38,7 @@ from ..errors import StepflowError
 from ..tl.adapter import TLModel, adapter, attn_hook, block_hook
 from ..tl.attention import TiledAttentionScope, tiled_unsupported_reason
 from ..tl.hooks import PermanentHooks, checkpointed_blocks, layer_of
+from ..tl.models import software_versions
 from ..traces.trace import Trace
 from ..traces.pooling import POOLS, block_sums, check_token_steps, normalise_blocks, pair_counts, step_onehot
 from .losses import LossFn, LossInUnembedding, at_least_fp32, loss_target_positions, resolve_loss
@@ -45,6 +47,10 @@ from .rules import TargetSpec, attribution, check_rule, resolve_target
 from .tiled import TilePooler
 
 SALIENCY_POOLS = ("mean", "causal_mean")
+
+
+class HalfPrecisionWarning(UserWarning):
+    """Step-Saliency was asked of a float16/bfloat16 model on the CPU."""
 
 
 # ---------------------------------------------------------------------- core
@@ -370,6 +376,10 @@ def step_saliency(
     a, layers = _check_inputs(model, trace, pool, SALIENCY_POOLS, layers)
     if target is not None and loss != "logit":
         raise StepflowError(f"target= is the logit of loss='logit'; loss={loss!r} takes no target")
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(f"Step-Saliency of a {str(a.dtype).removeprefix('torch.')} model on the CPU: half precision "
+                      "changes the maps against float32 (the dtype is recorded in the map's metadata); load the "
+                      "model in float32 on the CPU", HalfPrecisionWarning, stacklevel=2)
     requested = mode
     interventions = list(interventions)
     if mode == "auto":
@@ -429,7 +439,7 @@ def step_saliency(
         loss=loss_name, per_head=per_head,
         meta={"mode": mode, **({"requested_mode": requested} if requested != mode else {}),
               **({"block": gradients.block} if mode == "tiled" else {}),
-              "loss_value": float(value.detach()), **_intervention_meta(interventions),
+              "loss_value": float(value.detach()), **_provenance(a), **_intervention_meta(interventions),
               **({"target": [logit.position, logit.token_id]} if logit is not None else {})},
     )
 
@@ -459,6 +469,13 @@ def intervened(model: TLModel, trace: Trace, interventions: Sequence = (), state
                 raise StepflowError(f"expected an Intervention (e.g. StepFlow()), got {type(iv).__name__}")
             stack.enter_context(apply(model, trace, state))
         yield
+
+
+def _provenance(a) -> dict:
+    """What decides a map's numerics besides its mode and tile side, for its metadata
+    (and so for metrics.csv): the model's dtype and device, the software versions."""
+    software = ";".join(f"{k}={v}" for k, v in software_versions().items())
+    return {"dtype": str(a.dtype).removeprefix("torch."), "device": str(a.device), "software": software}
 
 
 def _intervention_meta(interventions) -> dict:
@@ -587,7 +604,7 @@ def step_attention(
             a.forward(trace.token_ids[None].to(a.device))
         return _make_result(
             trace, layers, pooler, n_model_layers=a.n_layers, map_kind="attention", pool=pool,
-            loss="", per_head=per_head, meta=_intervention_meta(interventions),
+            loss="", per_head=per_head, meta={**_provenance(a), **_intervention_meta(interventions)},
         )
     if interventions:
         raise StepflowError("interventions need a model to run; a cache holds a finished forward")

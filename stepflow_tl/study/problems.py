@@ -219,10 +219,16 @@ def _problem_from_row(
             f"{where}: no {role} field; accepted names are {list(accepted)} "
             f"(GPQA rows also need {list(GPQA_WRONG_FIELDS)}); the row has {sorted(row)[:20]}"
         )
-    question = _text(row[question_key])
-    raw_answer = row[answer_key]
+    question, raw_answer = row[question_key], row[answer_key]
+    if not isinstance(question, str):
+        # str(None) would ask the model the text "None" and grade the answer to it.
+        raise StepflowError(f"{where}: field {question_key!r} is {json.dumps(question, default=str)[:40]}, not text; "
+                            "fill it in or drop the row")
     if not question.strip():
-        raise StepflowError(f"{where}: field {question_key!r} is empty")
+        raise StepflowError(f"{where}: field {question_key!r} is empty; fill it in or drop the row")
+    if isinstance(raw_answer, (bool, dict)) or (isinstance(raw_answer, list) and answer_key != "Correct Answer"):
+        raise StepflowError(f"{where}: field {answer_key!r} is {json.dumps(raw_answer, default=str)[:40]}, not an "
+                            "answer (text or a number); fix it or drop the row")
     if raw_answer is None or (isinstance(raw_answer, str) and not raw_answer.strip()):
         if missing_answer == "skip":
             return None

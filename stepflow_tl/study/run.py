@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -37,6 +35,7 @@ from ..tl.adapter import TLModel, adapter, tokenizer_of
 from ..traces.formats import SPLIT_CHOICES, render_prompt, resolve_format, resolve_split
 from .conditions import ABLATION, ConditionSpec, DEFAULT_CONDITIONS, describe, resolve_conditions
 from .grading import grade
+from .jobs import distributed_state, software_versions
 from .problems import Problem, prompt_for
 from .result import StudyResult
 from .results import (
@@ -67,13 +66,7 @@ def _problem_fingerprint(problems: Sequence[Problem]) -> str:
 
 def _software() -> Dict[str, str]:
     """Versions of the packages whose numerics decide a generated token."""
-    out = {}
-    for name in ("stepflow_tl", "torch", "transformers", "transformer_lens"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return software_versions()
 
 
 def study_config(model: Union[TLModel, VLLMEngine], problems: Sequence[Problem], conditions: Dict[str, list], **settings: Any) -> dict:
@@ -141,15 +134,6 @@ def _saliency_path(results_path: Optional[Path], condition: str, problem_id: str
         return None
     return (results_path.parent / f"{results_path.stem}.saliency" / safe_file_name(condition)
             / f"{safe_file_name(problem_id)}__s{sample}.npz")
-
-
-def distributed_state():
-    """`accelerate.PartialState` when launched with several processes, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState()
 
 
 def evaluate(

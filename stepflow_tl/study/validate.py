@@ -28,10 +28,7 @@ report.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,25 +41,25 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..checks import check_bool, check_int
 from ..errors import StepflowError
 from ..interventions.generate import row_seed
 from ..interventions.state import StepState
 from ..saliency.compute import step_attention, step_saliency
 from ..saliency.diagnostics import BANDS, METRICS, band_layers, compare, diagnose
+from ..saliency.losses import LOSSES
 from ..saliency.maps import StepSaliency
 from ..stats import bootstrap_mean_ci, holm, spearman, wilcoxon_signed_rank
 from ..tl.adapter import TLModel, adapter
 from ..tl.hooks import temporary_hooks
 from ..traces.hookpoints import attach_trace, step_pattern_name
-from ..traces.records import json_lines
 from ..traces.trace import Trace
 from ..viz import Report
 from ..saliency.receivers import receiver_heads
 from .conditions import CONDITIONS, describe, resolve_conditions
+from .jobs import JobSchema, read_jobs, refuse_foreign_files, run_jobs, software_versions
 from .problems import Problem
 from .resampling import outgoing, resampling_importance, signal_agreement
-from .results import _merged_records, _truncate_partial_line, check_config, replace_with_merged, shard_path, shards
-from .run import distributed_state
 
 VALIDATION_CONDITIONS = ("baseline", "stepflow", "oeb", "smi", "random_bridge", "matched_noise",
                          "random_momentum", "random_stepflow")
@@ -248,8 +245,16 @@ class ValidationConfig:
         if "baseline" not in self.conditions:
             raise StepflowError("the conditions must include 'baseline' (every difference is against it)")
         resolve_conditions(self.conditions)  # unknown names fail here
-        if self.max_key_steps is not None and int(self.max_key_steps) < 0:
-            raise StepflowError(f"max_key_steps must be >= 0 or None, got {self.max_key_steps}")
+        if self.max_key_steps is not None:
+            self.max_key_steps = check_int("max_key_steps (>= 0, or None for all)", self.max_key_steps, low=0)
+        self.knockout_bands = check_bool("knockout_bands", self.knockout_bands)
+        self.seed = check_int("seed", self.seed)
+        if self.loss not in LOSSES:
+            raise StepflowError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        if self.mode not in ("dense", "bounded"):
+            raise StepflowError(f"mode must be 'dense' or 'bounded' (the knockout needs hook_pattern), got {self.mode!r}")
+        self.n_boot = check_int("n_boot (bootstrap resamples)", self.n_boot, low=100)
+        self.maps_in_report = check_int("maps_in_report", self.maps_in_report, low=0)
         if self.resampling != 0 and self.resampling < 2:
             raise StepflowError(f"resampling must be 0 (off) or >= 2 continuations per prefix, got {self.resampling}")
 
@@ -358,55 +363,31 @@ def _matrix(t: Tensor) -> list:
 
 
 # --------------------------------------------------------------------------- results file
-class _Store:
-    """Append-only JSONL: a config header, then one line per trace (one ``os.write``
-    and fsync each, so a killed run leaves whole lines and at most one partial last
-    line, which reopening cuts)."""
+def _check_record(record: dict, path, where: str) -> None:
+    index = record.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not isinstance(record.get("metrics"), dict):
+        raise StepflowError(f"{path}, {where}: a trace record needs an integer 'index' and 'metrics' (edited by "
+                            "hand?); delete the file or use another --out to start over")
 
-    def __init__(self, path: Path, config: dict):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_partial_line(path)
-        self.path = path
-        header, self.records = read_validation(path) if path.exists() and path.stat().st_size else (None, [])
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if header is None:
-            self._write({"type": "config", "version": VALIDATION_VERSION, "config": config})
-        else:
-            check_config(path, header, config)
 
-    def _write(self, record: dict) -> None:
-        line = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-        if os.write(self._fd, line) != len(line):
-            raise OSError(f"short write to {self.path}")
-        os.fsync(self._fd)
+def _records_fit(path, header: dict, records: List[dict]) -> None:
+    n = header.get("n_traces")
+    bad = [r["index"] for r in records if isinstance(n, int) and not 0 <= r["index"] < n]
+    if bad:
+        raise StepflowError(f"{path}: trace {bad[0]} is outside the header's {n} traces; delete the file or use "
+                            "another --out")
 
-    def append(self, record: dict) -> None:
-        self._write({"type": "trace", **record})
-        self.records.append(record)
 
-    def close(self) -> None:
-        os.close(self._fd)
+VALIDATION_SCHEMA = JobSchema(
+    line_type="trace", version=VALIDATION_VERSION, what="validation run", key=lambda r: int(r["index"]),
+    name=lambda r: f"trace {r['index']}", check=_check_record, fits=_records_fit, allow_nan=False,
+)
 
 
 def read_validation(path: Union[str, Path], *, tolerate_partial: bool = False):
-    """``(config header or None, [trace records])`` of a validation results file."""
-    path = Path(path)
-    data = path.read_bytes()
-    if tolerate_partial and data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-    header, records = None, []
-    for number, rec in json_lines(data.decode("utf-8"), path):
-        kind = rec.get("type") if isinstance(rec, dict) else None
-        if number == 1:
-            if kind != "config" or rec.get("version") != VALIDATION_VERSION:
-                raise StepflowError(f"{path}: line 1 is not a stepflow_tl validation header "
-                                    f"(type 'config', version {VALIDATION_VERSION}); refusing to append to it")
-            header = rec["config"]
-        elif kind == "trace":
-            records.append({k: v for k, v in rec.items() if k != "type"})
-        else:
-            raise StepflowError(f"{path}, line {number}: unexpected record type {kind!r}")
-    return header, records
+    """``(config header or None, [trace records])`` of a validation results file
+    (refusing duplicated or foreign traces, like every results file of the job runner)."""
+    return read_jobs(path, VALIDATION_SCHEMA, tolerate_partial=tolerate_partial)
 
 
 def _traces_sha(traces) -> str:
@@ -422,6 +403,7 @@ def run_config(model: TLModel, traces: Sequence[Trace], config: ValidationConfig
     return {
         "model": str(getattr(model.cfg, "model_name", type(model).__name__)),
         "model_shape": [a.n_layers, a.n_heads, a.n_kv_heads, a.d_model],
+        "dtype": str(a.dtype).removeprefix("torch."), "software": software_versions(),
         "n_traces": len(traces), "traces_sha": _traces_sha(traces),
         "conditions": {n: [describe(iv) for iv in ivs] for n, ivs in resolve_conditions(config.conditions).items()},
         "max_key_steps": config.max_key_steps, "knockout_bands": config.knockout_bands, "seed": config.seed,
@@ -432,25 +414,17 @@ def run_config(model: TLModel, traces: Sequence[Trace], config: ValidationConfig
     }
 
 
-def _merged(path: Path, config: dict) -> List[dict]:
-    index = lambda r: int(r["index"])  # noqa: E731
-    return sorted(_merged_records(path, config, read_validation, index), key=index)
-
-
-def _mergeshards(path: Path, config: dict) -> None:
-    replace_with_merged(path, {"type": "config", "version": VALIDATION_VERSION, "config": config},
-                        "trace", _merged(path, config), allow_nan=False)
-
-
 def validate(model: TLModel, traces: Sequence[Trace], out: Union[str, Path], *, config: Optional[ValidationConfig] = None, progress: bool = True,
              **settings: Any) -> "ValidationResult":
     """Run the validation study on ``traces`` into directory ``out`` (resumable).
 
-    ``out/results.jsonl`` gets one line per trace (a rerun skips the traces already
-    in it; a file written with another config is refused); the maps go to
-    ``out/maps/``. Under ``accelerate launch`` the traces are split across processes,
-    each streams to its own shard and the main process merges them. ``settings``
-    (e.g. how the traces were cut) join the config.
+    ``out/results.jsonl`` gets one line per trace, written by the job runner
+    (`stepflow_tl.study.jobs.run_jobs`): the file is locked for the whole run (a second
+    run on it is refused), a rerun skips the traces already in it, and a file written
+    with another config is refused, as is an ``out`` holding maps but no results file;
+    the maps go to ``out/maps/``. Under ``accelerate launch`` the traces are split
+    across processes, each streams to its own shard and the main process merges them.
+    ``settings`` (e.g. how the traces were cut) join the config.
     """
     config = config or ValidationConfig()
     traces = list(traces)
@@ -461,42 +435,14 @@ def validate(model: TLModel, traces: Sequence[Trace], out: Union[str, Path], *, 
         raise StepflowError(f"traces {short[:8]} have fewer than two steps; a step map needs two")
     out = Path(out)
     path = out / "results.jsonl"
+    refuse_foreign_files(out, path, ["maps/trace*.npz"], "validation run")
     header = run_config(model, traces, config, **settings)
-    state = distributed_state()
-    world, rank = (state.num_processes, state.process_index) if state else (1, 0)
-    if rank == 0:
-        _Store(path, header).close()
-    if state:
-        state.wait_for_everyone()
-    done = {int(r["index"]) for r in _merged(path, header)} if world == 1 else set()
-    if world > 1:
-        for source in [path] + [s for s in shards(path) if s != shard_path(path, rank, world)]:
-            done |= {int(r["index"]) for r in read_validation(source, tolerate_partial=source != path)[1]}
-    mine = list(range(len(traces)))
-    if state:
-        with state.split_between_processes(mine) as part:
-            mine = list(part)
-    store = _Store(shard_path(path, rank, world) if world > 1 else path, header)
-    done |= {int(r["index"]) for r in store.records}
-    pending = [i for i in mine if i not in done]
-    bar = None
-    if progress and rank == 0 and pending:
-        bar = tqdm(total=len(pending), unit="trace", desc="validate", file=sys.stderr)
-    try:
-        for i in pending:
-            store.append(validate_trace(model, traces[i], i, config, maps_dir=out, progress=bar))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        store.close()
-    if state:
-        state.wait_for_everyone()
-    if rank == 0 and shards(path):
-        _mergeshards(path, header)
-    if state:
-        state.wait_for_everyone()
+
+    def one(i: int, bar) -> dict:
+        return validate_trace(model, traces[i], i, config, maps_dir=out, progress=bar)
+
+    run_jobs(path, header, VALIDATION_SCHEMA, list(range(len(traces))), one, progress=progress, desc="validate",
+             unit="trace")
     return load_validation(out, n_boot=config.n_boot)
 
 

@@ -255,6 +255,42 @@ def _bridge_from_hf(name: str, hf_model, tokenizer, **kwargs):
     return bridge.eval()
 
 
+def software_versions() -> dict:
+    """Versions of the packages whose numerics decide a result (run headers and every
+    map's metadata name them, so results made by other numerics are never mixed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("stepflow_tl", "torch", "transformers", "transformer_lens"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` if it names one that exists here; else a
+    `StepflowError` saying why (not a torch device string, CUDA or MPS not available,
+    a GPU index past the last GPU) and what to pass instead. Needs no model."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise StepflowError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            raise StepflowError(f"device {device!r} needs CUDA, which is not available here ({why}); "
+                                "use cpu (or leave the device out: cuda when available, else cpu)")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise StepflowError(f"device {device!r}: there {'is' if count == 1 else 'are'} only {count} GPU"
+                                f"{'' if count == 1 else 's'} (cuda:0..cuda:{count - 1}); choose one of them")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise StepflowError(f"device {device!r}: Apple MPS is not available here; use cpu")
+    return parsed
+
+
 def load_model(
     name: Optional[str] = None,
     *,
@@ -302,6 +338,8 @@ def load_model(
     place = {"device_map": device_map, "n_devices": n_devices}
     if device is None and not multi_device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device is not None:
+        check_device(device)  # one line naming the device, not a CUDA traceback from deep inside torch
 
     if hf_model is None and name == TINY_NAME:
         hf_model, tokenizer = make_tiny_hf(), tokenizer or load_embedded_tokenizer()

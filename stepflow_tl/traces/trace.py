@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from jaxtyping import Int
 
+from ..checks import check_int
 from ..errors import StepflowError, TraceError
 from ..tl.adapter import ModelOrTokenizer, Tokenizer, tokenizer_of
 from .formats import (
@@ -339,8 +340,8 @@ class Trace:
         if max_tokens is not None and len(ids) > max_tokens:
             if not truncate:
                 raise TraceError(
-                    f"the trace has {len(ids)} tokens, more than max_tokens={max_tokens} (the model's "
-                    f"context); pass truncate=True to cut it or a larger max_tokens")
+                    f"the trace has {len(ids)} tokens, more than max_tokens={max_tokens}; pass truncate=True "
+                    "to cut it or a larger max_tokens")
         return _build(cls, tok, prompt_text + output_text, ids, starts, offsets, (q0, q1), parser, fmt,
                       allow_no_thinking, max_tokens if truncate else None, dict(meta or {}))
 
@@ -398,11 +399,8 @@ class Trace:
     def _from_record(cls, tok: Tokenizer, record: Dict[str, Any], format: str = "auto", system=None,
                      **kw) -> "Trace":
         """`from_record` for a resolved tokenizer and token limit (see `_resolve`)."""
-        if not isinstance(record, dict) or "question" not in record or "output" not in record:
-            raise TraceError("a trace record needs 'question' and 'output' keys")
+        check_trace_record(record)
         question, output = record["question"], record["output"]
-        if not isinstance(output, str):
-            raise TraceError(f"'output' is {json.dumps(output)[:40]}, not text; fill it in or drop the record")
         text = conversation(question, system, name="record['question']")[1]
         prompt = _render_prompt(tok, question, system)
         question = text
@@ -423,7 +421,51 @@ def _resolve(model_or_tok: ModelOrTokenizer, max_tokens: Optional[int]) -> Tuple
     tok = tokenizer_of(model_or_tok)
     if max_tokens is None and tok is not model_or_tok:
         max_tokens = int(getattr(getattr(model_or_tok, "cfg", None), "n_ctx", 0) or 0) or None
+    elif max_tokens is not None:
+        max_tokens = check_int("max_tokens", max_tokens, low=1)
     return tok, max_tokens
+
+
+def _shown(value) -> str:
+    return json.dumps(value, default=str)[:40]
+
+
+def check_trace_record(record) -> None:
+    """Raise :class:`TraceError` naming the field unless ``record`` is a trace record:
+    ``question`` a non-empty string or a chat conversation, ``output`` a string, and
+    ``correct`` (when present) a JSON boolean or null. A ``"correct": "yes"`` would
+    otherwise leave the trace silently out of both the correct and incorrect groups."""
+    if not isinstance(record, dict) or "question" not in record or "output" not in record:
+        have = sorted(record)[:10] if isinstance(record, dict) else type(record).__name__
+        raise TraceError(f"a trace record needs 'question' and 'output' keys (it has {have})")
+    question, output = record["question"], record["output"]
+    if isinstance(question, str):
+        if not question.strip():
+            raise TraceError("'question' is empty; fill it in or drop the record")
+    else:
+        conversation(question, None, name="'question'")  # a conversation, or the error naming what it is
+    if not isinstance(output, str):
+        raise TraceError(f"'output' is {_shown(output)}, not text; fill it in or drop the record")
+    correct = record.get("correct")
+    if correct is not None and not isinstance(correct, bool):
+        raise TraceError(f"'correct' is {_shown(correct)}, not true or false; write a JSON boolean (true/false), "
+                         "or null or no 'correct' when the label is unknown")
+
+
+def read_trace_records(path) -> List[Dict[str, Any]]:
+    """The records of a trace file (JSON Lines, or JSON holding a list of records),
+    each checked by `check_trace_record`; needs no model, so a command can refuse a bad
+    file before it loads one. Raises :class:`TraceError` naming the file and record."""
+    p = Path(path)
+    if not p.exists():
+        raise TraceError(f"trace file not found: {p}")
+    records = read_json_records(p, error=TraceError)
+    for i, rec in enumerate(records):
+        try:
+            check_trace_record(rec)
+        except TraceError as e:
+            raise TraceError(f"{p}, record {i}: {e}") from None
+    return records
 
 
 def _check_str(value, name: str, optional: bool = False) -> None:
@@ -508,6 +550,9 @@ def _build(cls, tok, text, ids, starts, offsets, question_span, parser, fmt, all
         kind, c0, c1 = raw[r]
         steps.append(Step(final[r], kind, text[c0:c1], (c0, c1), (first_tok[r], last_tok[r] + 1)))
     if not any(s.kind == "thinking" for s in steps) and not allow_no_thinking:
+        if cut is not None and len(ids) == cut and any(k == "thinking" for k, _, _ in raw):
+            raise TraceError(f"cut to max_tokens={cut} tokens, the trace keeps none of its thinking (the prompt "
+                             "alone takes that many); raise max_tokens")
         raise TraceError("the trace has no thinking step; pass allow_no_thinking=True to accept it")
     if not any(s.kind == "question" for s in steps):
         raise TraceError("the question has no token of its own")
@@ -530,9 +575,7 @@ def load_traces(path, model_or_tok, format: str = "auto", **kw) -> List[Trace]:
     with ``question`` and ``output``; other keys (``correct``, ``gold``, ``model``,
     ``source``, ...) go to ``Trace.meta``. ``kw`` goes to :meth:`Trace.from_text`."""
     p = Path(path)
-    if not p.exists():
-        raise TraceError(f"trace file not found: {p}")
-    records = read_json_records(p, error=TraceError)
+    records = read_trace_records(p)
     tok, kw["max_tokens"] = _resolve(model_or_tok, kw.get("max_tokens"))
     out = []
     for i, rec in enumerate(records):
