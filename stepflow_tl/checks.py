@@ -1,10 +1,13 @@
 """Argument checks shared by the library: a value of the right type and range, or a
 `StepflowError` that names the parameter, what it must be and what it got."""
 
+from typing import Any, Optional
+
 from .errors import StepflowError
 
 
-def check_real(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False) -> float:
+def check_real(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
+               low_open: bool = False, high_open: bool = False) -> float:
     """``value`` as a float if it is a finite real number in the range; else a
     `StepflowError` naming the parameter, the range and the value."""
     import math
@@ -22,7 +25,7 @@ def check_real(name: str, value, *, low=None, high=None, low_open: bool = False,
     return v
 
 
-def check_int(name: str, value, *, low=None, high=None) -> int:
+def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """``value`` as an int if it is an integer (not a bool, not 1.5) in ``[low, high]``."""
     import operator
 
@@ -40,7 +43,7 @@ def check_int(name: str, value, *, low=None, high=None) -> int:
     return v
 
 
-def check_bool(name: str, value) -> bool:
+def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is True or False (0/1 and strings are refused: ``"no"`` is truthy)."""
     import numpy as np
 

@@ -135,12 +135,13 @@ def test_eval_refuses_a_question_that_is_not_text(tmp_path, capsys, no_model, qu
                     r"p\.jsonl, row 1: field 'question' is (empty|.*, not text)")
 
 
-def test_an_empty_trace_file_is_named(tmp_path, capsys, no_model):
+def test_an_empty_input_file_is_named(tmp_path, capsys, no_model):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
     for command in ("saliency", "validate"):
         _one_line_error(capsys, [command, str(path), "--out", str(tmp_path / "o")],
                         r"empty\.jsonl holds no trace records")
+    _one_line_error(capsys, ["eval", str(path), "--out", str(tmp_path / "o")], r"empty\.jsonl holds no problems")
 
 
 @pytest.mark.parametrize("argv, match", [

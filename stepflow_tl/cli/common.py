@@ -9,7 +9,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence, Tuple
 
 from ..checks import check_int, check_real
 from ..engines import ENGINES
@@ -109,7 +109,7 @@ def prepare_out(path, flag: str = "--out") -> Path:
     return out
 
 
-def check_flags(args, ints=()) -> None:
+def check_flags(args: argparse.Namespace, ints: Sequence[Tuple[str, Optional[int], Optional[int]]] = ()) -> None:
     """Range checks of integer flags before anything is loaded: ``ints`` holds
     ``(dest, low, high)``; a flag left at None is not checked. The error names the flag
     as it is typed (``--max-tokens must be an integer >= 1, got -5``)."""
@@ -118,7 +118,7 @@ def check_flags(args, ints=()) -> None:
             check_int("--" + dest.replace("_", "-"), getattr(args, dest), low=low, high=high)
 
 
-def check_sampling_flags(args) -> None:
+def check_sampling_flags(args: argparse.Namespace) -> None:
     """``--temperature`` in (0, inf) and ``--top-p`` in (0, 1], before the model loads."""
     if getattr(args, "temperature", None) is not None:
         check_real("--temperature", args.temperature, low=0.0, low_open=True)
@@ -126,7 +126,7 @@ def check_sampling_flags(args) -> None:
         check_real("--top-p", args.top_p, low=0.0, high=1.0, low_open=True)
 
 
-def check_device_arg(args) -> None:
+def check_device_arg(args: argparse.Namespace) -> None:
     """Refuse a ``--device`` that does not exist here (``cuda`` without CUDA, ``gpu``)."""
     if getattr(args, "device", None) is not None:
         try:
@@ -135,7 +135,7 @@ def check_device_arg(args) -> None:
             raise StepflowError(f"--device: {exc}") from None
 
 
-def trace_records_from_args(path) -> list:
+def trace_records_from_args(path: str) -> list:
     """The checked records of the trace file ``path`` (read without a model, so a bad
     or empty file is refused before one loads)."""
     records = read_trace_records(path)

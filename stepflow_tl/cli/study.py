@@ -101,6 +101,9 @@ def problems_from_args(args) -> List[Problem]:
                       f"with a problem file ({args.problems}); they choose built-in problems",
                       "drop the flag, or pass 'builtin' instead of the file")
         problems = load_problems(args.problems, benchmark=args.benchmark)
+        if not problems:
+            raise StepflowError(f"{args.problems} holds no problems; expected records with a question and an "
+                                "answer (see docs/problems.md)")
     return problems[: args.limit] if args.limit else problems
 
 

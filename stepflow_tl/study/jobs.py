@@ -35,12 +35,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tqdm.auto import tqdm
 
 from ..errors import StepflowError
 from ..tl.models import software_versions
+
+PathLike = Union[str, Path]
 from ..traces.records import json_lines
 
 
@@ -54,7 +56,7 @@ def distributed_state():
 
 
 # --------------------------------------------------------------------------- the lock
-def lock_path(path) -> Path:
+def lock_path(path: PathLike) -> Path:
     """The lock file of results file ``path`` (``results.jsonl.lock`` beside it)."""
     path = Path(path)
     return path.with_name(path.name + ".lock")
@@ -70,7 +72,7 @@ class RunLock:
     the server's locks (NFSv4, Lustre with ``-o flock``).
     """
 
-    def __init__(self, path, what: str = "study"):
+    def __init__(self, path: PathLike, what: str = "study"):
         self.path = Path(path)
         self.what = what
         self.lock_file = lock_path(self.path)
@@ -173,7 +175,7 @@ def truncate_partial_line(path: Path) -> None:
         os.truncate(path, data.rfind(b"\n") + 1)
 
 
-def read_jobs(path, schema: JobSchema, *, tolerate_partial: bool = False):
+def read_jobs(path: PathLike, schema: JobSchema, *, tolerate_partial: bool = False) -> Tuple[Optional[dict], List[dict]]:
     """``(header config or None, [item records])`` of a results file of ``schema``.
 
     Raises:
@@ -223,7 +225,7 @@ def read_jobs(path, schema: JobSchema, *, tolerate_partial: bool = False):
     return header, items
 
 
-def check_config(path, found: dict, expected: dict, what: str = "study") -> None:
+def check_config(path: PathLike, found: dict, expected: dict, what: str = "study") -> None:
     """Raise if a results file was made by a run with a different config."""
     if found == expected:
         return
@@ -261,7 +263,7 @@ class JobFile:
         self.schema = schema
 
     @classmethod
-    def open(cls, path, config: dict, schema: JobSchema) -> "JobFile":
+    def open(cls, path: PathLike, config: dict, schema: JobSchema) -> "JobFile":
         """Lock and open (creating with a header) ``path``; refuse a file written with
         another config, a file another writer holds, and a damaged file."""
         path = Path(path)
@@ -367,7 +369,7 @@ def refuse_foreign_files(out: Path, path: Path, patterns: Sequence[str], what: s
                             "those files")
 
 
-def run_jobs(path, config: dict, schema: JobSchema, keys: Sequence[Hashable], work: Callable[[int, Any], dict], *,
+def run_jobs(path: PathLike, config: dict, schema: JobSchema, keys: Sequence[Hashable], work: Callable[[int, Any], dict], *,
              progress: bool = True, desc: str = "items", unit: str = "item") -> List[dict]:
     """Run ``work(i, bar)`` for every ``keys[i]`` whose record is not in ``path`` yet,
     append each record, and return every record (old and new) in the order of ``keys``.

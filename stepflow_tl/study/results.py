@@ -11,12 +11,13 @@ guaranteed: ``docs/reliability.md``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..errors import StepflowError
 from .jobs import (
     JobFile,
     JobSchema,
+    PathLike,
     RunLock,
     check_config,
     lock_path,
@@ -84,11 +85,11 @@ class ResultsFile(JobFile):
     """The locked, append-only results file of one study (`JobFile` with `STUDY_SCHEMA`)."""
 
     @classmethod
-    def open(cls, path, config: dict, schema: JobSchema = STUDY_SCHEMA) -> "ResultsFile":
+    def open(cls, path: PathLike, config: dict, schema: JobSchema = STUDY_SCHEMA) -> "ResultsFile":
         return super().open(path, config, schema)
 
 
-def read_results(path, *, tolerate_partial: bool = False):
+def read_results(path: PathLike, *, tolerate_partial: bool = False) -> Tuple[Optional[dict], List[dict]]:
     """``(header dict or None, [item dicts])`` of a study's results file.
 
     Raises:
@@ -99,7 +100,7 @@ def read_results(path, *, tolerate_partial: bool = False):
     return read_jobs(path, STUDY_SCHEMA, tolerate_partial=tolerate_partial)
 
 
-def check_items_in_study(path, records, problem_ids: Sequence[str]) -> None:
+def check_items_in_study(path: PathLike, records: List[dict], problem_ids: Sequence[str]) -> None:
     """Refuse a resumed item whose problem is not among the study's problems."""
     known = set(problem_ids)
     for r in records:
@@ -109,7 +110,7 @@ def check_items_in_study(path, records, problem_ids: Sequence[str]) -> None:
                 "header matches (was the file edited?); delete the file or use another --out / results_path")
 
 
-def merge_shards(path, config: dict) -> Path:
+def merge_shards(path: PathLike, config: dict) -> Path:
     """Fold every shard of ``path`` into it (atomic replace, one line per item) and
     delete the shards."""
     path = Path(path)

@@ -269,7 +269,7 @@ def software_versions() -> dict:
     return out
 
 
-def check_device(device) -> torch.device:
+def check_device(device: Union[str, int, torch.device]) -> torch.device:
     """``device`` as a ``torch.device`` if it names one that exists here; else a
     `StepflowError` saying why (not a torch device string, CUDA or MPS not available,
     a GPU index past the last GPU) and what to pass instead. Needs no model."""

@@ -30,7 +30,7 @@ Pool = Literal["mean", "causal_mean", "mass"]
 POOLS = ("mean", "causal_mean", "mass")
 
 
-def check_token_steps(token_steps, n_steps: int, name: str = "token_steps") -> None:
+def check_token_steps(token_steps: Int[torch.Tensor, "pos"], n_steps: int, name: str = "token_steps") -> None:
     """Raise `StepflowError` unless ``token_steps`` is a 1-d integer tensor of step
     indices in ``[-1, n_steps)`` (-1: markup)."""
     if not isinstance(token_steps, torch.Tensor) or token_steps.dim() != 1 or token_steps.dtype.is_floating_point:

@@ -26,7 +26,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Int
@@ -430,7 +430,7 @@ def _shown(value) -> str:
     return json.dumps(value, default=str)[:40]
 
 
-def check_trace_record(record) -> None:
+def check_trace_record(record: Any) -> None:
     """Raise :class:`TraceError` naming the field unless ``record`` is a trace record:
     ``question`` a non-empty string or a chat conversation, ``output`` a string, and
     ``correct`` (when present) a JSON boolean or null. A ``"correct": "yes"`` would
@@ -452,7 +452,7 @@ def check_trace_record(record) -> None:
                          "or null or no 'correct' when the label is unknown")
 
 
-def read_trace_records(path) -> List[Dict[str, Any]]:
+def read_trace_records(path: Union[str, Path]) -> List[Dict[str, Any]]:
     """The records of a trace file (JSON Lines, or JSON holding a list of records),
     each checked by `check_trace_record`; needs no model, so a command can refuse a bad
     file before it loads one. Raises :class:`TraceError` naming the file and record."""
