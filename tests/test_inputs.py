@@ -192,3 +192,23 @@ def test_cut_traces_say_what_was_cut(tmp_path, capsys, tiny_bridge):
     _one_line_error(capsys, ["validate", traces, "--model", "tiny", "--max-tokens", "5", "--skip-longer",
                              "--out", str(tmp_path / "o")],
                     r"every trace of .*t\.jsonl is longer than --max-tokens 5, so --skip-longer left none")
+
+
+def test_half_precision_saliency_on_the_cpu_warns_and_the_dtype_is_recorded():
+    from stepflow_tl.saliency.compute import HalfPrecisionWarning
+    from stepflow_tl.tl.models import load_model
+
+    model = load_model("tiny", device="cpu", dtype="bfloat16")
+    trace = Trace.from_parts(model, "What is 2 + 2?", "First step.\n\nSecond step.", "4")
+    with pytest.warns(HalfPrecisionWarning, match=r"bfloat16 model on the CPU: half precision changes the maps"):
+        result = step_saliency(model, trace, mode="bounded")
+    assert result.meta["dtype"] == "bfloat16" and result.meta["device"] == "cpu" and result.meta["mode"] == "bounded"
+
+
+@pytest.mark.parametrize("answer", [True, {"a": 1}, ["4"]])
+def test_an_answer_that_is_not_an_answer_is_refused(tmp_path, answer):
+    from stepflow_tl.study.problems import load_problems
+
+    path = _write(tmp_path / "p.jsonl", {"id": "a", "question": "What is 2 + 2?", "answer": answer})
+    with pytest.raises(StepflowError, match=r"p\.jsonl, row 0: field 'answer' is .*, not an answer"):
+        load_problems(path)
