@@ -63,6 +63,7 @@ def cmd_saliency(args) -> int:
                             "run it without accelerate launch")
     rank = state.process_index if state else 0
     out = prepare_out(args.out)
+    trace_records_from_args(args.traces)  # a bad or empty file is refused before the model loads
     model = load_from_args(args)
     run = saliency_maps(model, args.traces, out, loss=args.loss, pool=args.pool, mode=args.mode, rule=args.rule,
                         target=target, split=args.split, split_summary=args.split_summary,
