@@ -116,9 +116,9 @@ def _write(path, *records):
 @pytest.mark.parametrize("record, match", [
     ({"correct": "yes"}, r"record 1: 'correct' is \"yes\", not true or false; write a JSON boolean"),
     ({"correct": 1}, r"record 1: 'correct' is 1, not true or false"),
-    ({"question": None}, r"record 1: 'question' must be a str or a chat conversation .* got NoneType"),
+    ({"question": None}, r"record 1: record\['question'\] must be a str or a chat conversation .* got NoneType"),
     ({"question": ""}, r"record 1: 'question' is empty"),
-    ({"question": 5}, r"record 1: 'question' must be a str"),
+    ({"question": 5}, r"record 1: record\['question'\] must be a str"),
     ({"output": ["a"]}, r"record 1: 'output' is \[\"a\"\], not text"),
 ])
 @pytest.mark.parametrize("command", ["saliency", "validate"])

@@ -443,7 +443,7 @@ def check_trace_record(record: Any) -> None:
         if not question.strip():
             raise TraceError("'question' is empty; fill it in or drop the record")
     else:
-        conversation(question, None, name="'question'")  # a conversation, or the error naming what it is
+        conversation(question, None, name="record['question']")  # a conversation, or the error naming what it is
     if not isinstance(output, str):
         raise TraceError(f"'output' is {_shown(output)}, not text; fill it in or drop the record")
     correct = record.get("correct")
