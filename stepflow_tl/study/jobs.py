@@ -202,8 +202,8 @@ def read_jobs(path: PathLike, schema: JobSchema, *, tolerate_partial: bool = Fal
             if kind != "config" or record.get("version") != schema.version or not isinstance(record.get("config"),
                                                                                               dict):
                 raise StepflowError(
-                    f"{path}: line 1 is not a stepflow_tl {schema.what} header (type 'config', version "
-                    f"{schema.version}); refusing to append to it")
+                    f"{path}: line 1 is not a stepflow_tl results header of a {schema.what} (type 'config', "
+                    f"version {schema.version}); refusing to append to it")
             header = record["config"]
         elif kind == schema.line_type:
             record = {k: v for k, v in record.items() if k != "type"}
