@@ -117,7 +117,8 @@ def cmd_saliency(args) -> int:
         bands = comparison[comparison["level"] == "band"].drop(columns=["level", "layer"])
         report.add_table(bands, caption="Correct vs incorrect, per band")
     # the authors' other split: traces of problems the model solves often vs rarely
-    rated = [(t.meta["accuracy"], d) for t, _, d in results if isinstance(t.meta.get("accuracy"), (int, float))]
+    accuracy = {r["index"]: run.traces[r["index"]].meta.get("accuracy") for r, _, _ in results}
+    rated = [(accuracy[r["index"]], d) for r, _, d in results if isinstance(accuracy[r["index"]], (int, float))]
     if (sum(a >= HIGH_ACCURACY for a, _ in rated) >= 2 and sum(a <= LOW_ACCURACY for a, _ in rated) >= 2):
         by_accuracy = compare_by_accuracy([d for _, d in rated], [a for a, _ in rated])
         by_accuracy.to_csv(out / "compare_accuracy.csv", index=False)
