@@ -47,7 +47,9 @@ def test_info_prints_the_model(capsys):
 
 def test_saliency_writes_maps_metrics_and_report(tmp_path, capsys):
     traces = tmp_path / "traces.jsonl"
-    traces.write_text("".join(json.dumps(r) + "\n" for r in _records(4)))
+    # two problems the model solves often, two it rarely solves: the authors' accuracy split
+    records = [{**r, "accuracy": a} for r, a in zip(_records(4), (0.9, 0.8, 0.2, 0.1))]
+    traces.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out"
     assert main(["saliency", str(traces), "--model", "tiny", "--out", str(out)]) == 0
     metrics = pd.read_csv(out / "metrics.csv")
@@ -56,6 +58,9 @@ def test_saliency_writes_maps_metrics_and_report(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "Diagnostics per trace" in html and "https://" not in html.split("<script")[0]
     assert (out / "compare.csv").exists()
+    by_accuracy = pd.read_csv(out / "compare_accuracy.csv")
+    layers = by_accuracy[by_accuracy["level"] == "layer"]
+    assert (layers["n_high_accuracy"] == 2).all() and (layers["n_low_accuracy"] == 2).all()
 
 
 def test_generate_json(capsys):
