@@ -316,3 +316,29 @@ def test_finished_rows_are_not_computed(tiny_model, monkeypatch):
 def test_batch_size_is_checked(tiny_model):
     with pytest.raises(StepflowError, match="batch_size"):
         generate(tiny_model, PROMPTS, batch_size=0)
+
+
+def test_rows_with_one_prompt_share_its_prefill(tiny_model, monkeypatch):
+    """Without interventions, rows with the same prompt prefill it once (kept while more
+    waiting rows need it, as resampling's N continuations of a prefix): every row's tokens
+    are those it gets alone with its seed, for any batch size; with an intervention each
+    row runs its own prefill."""
+    from stepflow_tl.tl.adapter import ModelAdapter
+
+    prefilled = []
+    prefill = ModelAdapter.prefill
+    monkeypatch.setattr(ModelAdapter, "prefill",
+                        lambda self, tokens, mask: prefilled.append(tokens.shape[0]) or prefill(self, tokens, mask))
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[0]]
+    seeds = [row_seed(3, i) for i in range(len(prompts))]
+    kw = dict(max_new_tokens=10, stop=["a"], do_sample=True, temperature=1.5)
+    alone = [generate(tiny_model, [p], row_seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert len({len(g.output_ids) for g in alone}) >= 2
+    for batch_size in (None, 1, 2, 4):
+        prefilled[:] = []
+        shared = generate(tiny_model, prompts, row_seeds=seeds, batch_size=batch_size, **kw)
+        assert _summary(shared) == _summary(alone), batch_size
+        assert sum(prefilled) == 2, batch_size
+    prefilled[:] = []
+    generate(tiny_model, prompts, row_seeds=seeds, batch_size=2, interventions=[StepFlow()], **kw)
+    assert sum(prefilled) == len(prompts)

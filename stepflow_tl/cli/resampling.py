@@ -71,11 +71,13 @@ def add_commands(sub) -> None:
     rs.add_argument("--index", type=int, default=0, help="which record (default 0)")
     rs.add_argument("--kind", choices=("math", "integer", "choice"), default="math", help="how the gold is graded")
     rs.add_argument("--n-samples", type=int, default=8, help="continuations per prefix (>= 2)")
-    rs.add_argument("--max-new-tokens", type=int, default=256)
+    rs.add_argument("--max-new-tokens", type=int, default=128,
+                    help="budget of each continuation (default 128; cost: (thinking steps + 1) x N x this)")
     rs.add_argument("--temperature", type=float, default=0.6)
     rs.add_argument("--top-p", type=float, default=0.95)
     rs.add_argument("--seed", type=int, default=0)
-    rs.add_argument("--batch-size", type=int, default=None)
+    rs.add_argument("--batch-size", type=int, default=None,
+                    help="rollouts decoded at once (default: --n-samples); the batch refills across prefixes")
     rs.add_argument("--proximity-ignore", type=int, default=PROXIMITY_IGNORE)
     rs.add_argument("--no-maps", action="store_true", help="skip the step maps and receiver heads in the report")
     rs.add_argument("--no-progress", action="store_true")

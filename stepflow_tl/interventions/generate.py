@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -267,7 +267,9 @@ def generate(
             the next waiting prompt joins (prefilled, then left-padded into the batch),
             so the batch stays full and no finished row is computed. Every row's tokens
             depend only on its prompt and its seed ``row_seed(seed, index)``, whatever
-            batch it shares.
+            batch it shares. Without interventions, rows with the same prompt share one
+            prefill (its KV-cache row is copied, and kept while more waiting rows have
+            that prompt): N samples of one prompt prefill it once.
         static_batch: keep finished rows running until every row of the batch has
             finished, then start the next ``batch_size`` prompts (the behaviour before
             batches shrank; for comparison, and for KV caches rows cannot leave).
@@ -377,28 +379,69 @@ def generate(
         state.phase = "prefill"
         return state
 
+    # Without interventions (nothing watches a prefill), rows with the same prompt share
+    # one prefill: its KV-cache row is copied to each of them, and kept while more waiting
+    # rows have that prompt (N continuations of one prefix, as in resampling, prefill it
+    # once instead of N times). With interventions every row runs its own prefill, whose
+    # events are the row's own.
+    share = not interventions
+    unadmitted = Counter(tuple(x) for x in ids)
+    kept: Dict[tuple, tuple] = {}  # prompt ids -> (one-row DecodeState, last logits [1, vocab], prefill_s)
+
     def admit(runs, group, dstate, last):
-        """Prefill ``group`` as a left-padded batch of its own and join it to the running batch."""
+        """Prefill ``group`` as a left-padded batch of its own (each distinct prompt once
+        where rows share prefills) and join it to the running batch."""
+        key = {i: tuple(ids[i]) for i in group}
+        reuse = list(dict.fromkeys(key[i] for i in group if key[i] in kept)) if share else []
+        # rows of prompts to prefill first, then those of kept prompts, by prompt (the
+        # batch's row order is free: each row carries its own prompt index, seed, generator)
+        group = [i for i in group if key[i] not in reuse] + [i for k in reuse for i in group if key[i] == k]
+        fresh = list(dict.fromkeys(key[i] for i in group if key[i] not in reuse)) if share else []
+        if share:
+            for i in group:
+                unadmitted[key[i]] -= 1
         parked = []
         for run in runs:
             take_events(run, active)
             parked.append(run.park())
             run.state = prefill_state(group)
-        tokens, mask = pad_token_ids([ids[i] for i in group], pad_id)
-        t0 = time.perf_counter()
-        logits, group_state = a.prefill(tokens.to(device), mask.to(device))
-        group_last = logits[:, -1].float()
-        _sync(device)
+        parts = []  # (DecodeState, last logits, prefill_s per row), in the order of group
+        n_fresh = len(group) - sum(key[i] in reuse for i in group)
+        if n_fresh:
+            prompts_run = [list(k) for k in fresh] if share else [ids[i] for i in group]
+            tokens, mask = pad_token_ids(prompts_run, pad_id)
+            t0 = time.perf_counter()
+            logits, fresh_state = a.prefill(tokens.to(device), mask.to(device))
+            fresh_last = logits[:, -1].float()
+            _sync(device)
+            took = time.perf_counter() - t0
+            if share:
+                where = {k: u for u, k in enumerate(fresh)}
+                for k in fresh:
+                    if unadmitted[k] > 0:
+                        kept[k] = (a.copy_rows(fresh_state, [where[k]]), fresh_last[where[k]:where[k] + 1], took)
+                rows = [where[key[i]] for i in group[:n_fresh]]
+                fresh_state, fresh_last = a.keep_rows(fresh_state, rows), fresh_last[rows]
+            parts.append((fresh_state, fresh_last, [took] * n_fresh))
+        for k in reuse:
+            kept_state, kept_last, took = kept[k]
+            n = sum(key[i] == k for i in group)
+            parts.append((a.copy_rows(kept_state, [0] * n), kept_last.expand(n, -1), [took] * n))
+            if unadmitted[k] == 0:
+                del kept[k]
         t1 = time.perf_counter()
-        for i in group:
-            prefill_s[i], started[i] = t1 - t0, t1
+        for i, took in zip(group, [t for p in parts for t in p[2]]):
+            prefill_s[i], started[i] = took, t1
         for run, held in zip(runs, parked):
             take_events(run, group)
             run.join(held)
         active.extend(group)
-        if dstate is None:
-            return group_state, group_last
-        return a.join(dstate, group_state), torch.cat([last, group_last])
+        for group_state, group_last, _ in parts:
+            if dstate is None:
+                dstate, last = group_state, group_last
+            else:
+                dstate, last = a.join(dstate, group_state), torch.cat([last, group_last])
+        return dstate, last
 
     first = next_group()
     # Layers whose pattern no hook reads run the fused kernel (decided per call).

@@ -18,10 +18,13 @@ prefix ``i`` (kept), so, as in Thought Anchors, ``n + 1`` prefixes serve ``n`` s
   Thought Anchors match with sentence embeddings; a lexical match is the model-free stand-in.
 
 Rollout ``g = prefix * n_samples + sample`` has the seed ``row_seed(seed, g)``, the study's
-row-seed rule, so every rollout replays alone. The rollouts go to a study results file
-(`results.ResultsFile`: config header, one fsynced line per rollout, a lock), so an
-interrupted run resumes where it stopped; the file's items use the study item schema
-with ``condition = "prefix<p>"``.
+row-seed rule, so every rollout replays alone, whatever batch it runs in. All pending
+rollouts run in one refilling `generate` call (``batch_size`` rows at once, a finished
+row's place taken by the next rollout at once; the rollouts of a prefix share its
+prefill). They go to a study results file (`results.ResultsFile`: config header, one
+fsynced line per rollout, written in rollout order as soon as every earlier rollout has
+finished, a lock), so an interrupted run resumes where it stopped; the file's items use
+the study item schema with ``condition = "prefix<p>"``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import pandas as pd
 
 from ..checks import check_int, check_real
 from ..errors import StepflowError
-from ..interventions.generate import generate, seed_for_rows
+from ..interventions.generate import generate
 from ..saliency.graph import step_importance_records
 from ..stats import spearman
 from ..tl.adapter import TLModel
@@ -117,7 +120,7 @@ def resampling_importance(
     problem: Problem,
     *,
     n_samples: int = 8,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = 128,
     temperature: float = 0.6,
     top_p: float = 0.95,
     seed: int = 0,
@@ -133,8 +136,15 @@ def resampling_importance(
             or `load_traces` / `Trace.from_parts` with the model's tokenizer).
         problem: its question and gold, to grade the continuations.
         n_samples: continuations per prefix (at least 2: one rollout is no distribution).
-        max_new_tokens, temperature, top_p, seed, batch_size: sampling, as in `generate`
-            (temperature 0.6 and top_p 0.95: Thought Anchors' rollouts).
+        max_new_tokens: each continuation's budget (default 128, as `validate`'s
+            ``resampling_tokens``). The cost is (thinking steps + 1) x ``n_samples``
+            continuations of up to this many tokens; a continuation cut by the budget
+            before it answers counts as unanswered, so a reasoning model that answers
+            thousands of tokens after the prefix needs a budget to match.
+        temperature, top_p, seed: sampling, as in `generate` (temperature 0.6 and top_p
+            0.95: Thought Anchors' rollouts).
+        batch_size: rollouts decoded at once (default ``n_samples``); the batch refills
+            across prefixes, so it need not divide anything.
         results_path: a results file to write each rollout to and resume from.
         match: the ``difflib`` ratio at which a continuation's step matches a trace step.
     """
@@ -159,45 +169,47 @@ def resampling_importance(
         done = {(r["condition"], r["sample"]) for r in records}
         pending = [g for g in range(len(prefixes) * n_samples)
                    if (f"prefix{g // n_samples}", g % n_samples) not in done]
-        size = batch_size or n_samples
         bar = None
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(pending), unit="rollout", desc="resampling")
-        for first in range(0, len(pending), size):
-            batch = pending[first:first + size]
-            # consecutive global indices share one generate call; a gap (a resumed run) splits it
-            runs, run = [], [batch[0]]
-            for g in batch[1:]:
-                if g == run[-1] + 1:
-                    run.append(g)
-                else:
-                    runs.append(run)
-                    run = [g]
-            runs.append(run)
-            for run in runs:
-                t0 = time.perf_counter()
-                gens = generate(model, [prefixes[g // n_samples] for g in run], max_new_tokens=max_new_tokens,
-                                do_sample=True, temperature=temperature, top_p=top_p,
-                                seed=seed_for_rows(seed, run[0]), chat=False, questions=[problem.question] * len(run))
-                wall = (time.perf_counter() - t0) / len(run)
-                for g, gen in zip(run, gens):
-                    if gen.seed != item_seed(seed, g):
-                        raise StepflowError("generate reported other row seeds than seed_for_rows promised")
-                    verdict = grade(gen.text, problem)
-                    item = {
-                        "problem_id": problem.id, "condition": f"prefix{g // n_samples}", "sample": g % n_samples,
-                        "seed": gen.seed, "correct": bool(verdict.correct), "extracted": verdict.extracted,
-                        "gold": problem.answer, "difficulty": problem.difficulty, "n_tokens": len(gen.output_ids),
-                        "stop_reason": gen.stop_reason, "wall_time_s": wall, "n_events": 0, "events": {},
-                        "mean_kl": None, "saliency": None, "output": gen.text,
-                        "prompt_ids": list(gen.prompt_ids), "output_ids": list(gen.output_ids),
-                    }
-                    records.append(item)
-                    if store is not None:
-                        store.append(item)
+        finished: Dict[int, Any] = {}
+        flushed = [0, time.perf_counter()]  # rollouts recorded in order; when the last one was
+
+        def on_finish(j, gen):
+            """Rollouts finish out of order; each is graded and recorded (one fsynced line)
+            as soon as every earlier one has finished, so a stopped run loses only the rows
+            still running. (Called within the `generate` call.)"""
+            finished[j] = gen
+            while flushed[0] in finished:
+                k = flushed[0]
+                g, gen = pending[k], finished.pop(k)
+                now = time.perf_counter()
+                # generation's wall time, split between rollouts as they are recorded
+                wall, flushed[0], flushed[1] = now - flushed[1], k + 1, now
+                verdict = grade(gen.text, problem)
+                item = {
+                    "problem_id": problem.id, "condition": f"prefix{g // n_samples}", "sample": g % n_samples,
+                    "seed": gen.seed, "correct": bool(verdict.correct), "extracted": verdict.extracted,
+                    "gold": problem.answer, "difficulty": problem.difficulty, "n_tokens": len(gen.output_ids),
+                    "stop_reason": gen.stop_reason, "wall_time_s": wall, "n_events": 0, "events": {},
+                    "mean_kl": None, "saliency": None, "output": gen.text,
+                    "prompt_ids": list(gen.prompt_ids), "output_ids": list(gen.output_ids),
+                }
+                records.append(item)
+                if store is not None:
+                    store.append(item)
                 if bar is not None:
-                    bar.update(len(run))
+                    bar.update(1)
+
+        if pending:
+            # One refilling call for every pending rollout: a finished row's place goes to the
+            # next rollout at once, and the rollouts of one prefix share its prefill.
+            generate(model, [prefixes[g // n_samples] for g in pending], max_new_tokens=max_new_tokens,
+                     do_sample=True, temperature=temperature, top_p=top_p, seed=seed,
+                     row_seeds=[item_seed(seed, g) for g in pending], chat=False,
+                     questions=[problem.question] * len(pending), batch_size=batch_size or n_samples,
+                     on_finish=on_finish)
         if bar is not None:
             bar.close()
     finally:

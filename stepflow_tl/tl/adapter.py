@@ -13,6 +13,7 @@ this plugin relies on are
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
@@ -209,6 +210,11 @@ class ModelAdapter:
         new_state = DecodeState(state.cache, mask)
         self._check_cache(new_state)
         return new_state
+
+    def copy_rows(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
+        """`keep_rows` of a copy: a new decoding state of rows ``rows`` (repeats allowed)
+        whose KV cache shares no tensor with ``state``'s, which stays usable."""
+        return self.keep_rows(DecodeState(copy.deepcopy(state.cache), state.attention_mask), rows)
 
     def join(self, first: DecodeState, second: DecodeState) -> DecodeState:
         """One decoding state holding ``first``'s rows, then ``second``'s, the narrower
