@@ -125,6 +125,29 @@ def _tiny(backend, tiny_hf, tokenizer):
     return load_model("tiny-llama", backend=backend, hf_model=tiny_hf, tokenizer=tokenizer, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def reference_hf():
+    """A second copy of the tiny weights, for the independent references
+    (`tests/reference.py`): TransformerBridge wraps its HF model in place."""
+    return make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
+
+
+def rel_error(a, b) -> float:
+    """Largest absolute difference relative to the largest entry of the reference ``b``."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def loss_positions(trace, loss):
+    """The positions a built-in loss reads (None: every position), as the references take them."""
+    from stepflow_tl.saliency.losses import answer_token_positions
+
+    if loss == "sequence":
+        return None
+    if loss == "summary":
+        return torch.isin(trace.token_steps, torch.tensor(trace.summary_steps)).nonzero()[:, 0]
+    return answer_token_positions(trace)
+
+
 @pytest.fixture(scope="session")
 def tiny_bridge(tiny_hf, tokenizer):
     return _tiny("bridge", tiny_hf, tokenizer)

@@ -8,14 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import apples_trace
+from conftest import apples_trace, loss_positions, rel_error
 from reference import hf_attention_and_grads, pool_loop, reference_saliency
 
 from stepflow_tl import StepflowError, TraceError
 from stepflow_tl.saliency.compute import step_attention, step_saliency, step_saliency_from_cache
-from stepflow_tl.saliency.losses import answer_token_positions
 from stepflow_tl.saliency.maps import StepSaliency
-from stepflow_tl.tl.models import load_embedded_hf, make_tiny_hf
+from stepflow_tl.tl.models import load_embedded_hf
 from stepflow_tl.traces.trace import Trace
 
 @pytest.fixture(scope="module")
@@ -23,33 +22,15 @@ def trace(tokenizer):
     return apples_trace(tokenizer)
 
 
-@pytest.fixture(scope="module")
-def reference_hf():
-    """A second copy of the tiny weights: TransformerBridge wraps its HF model in place."""
-    return make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def _loss_positions(trace, loss):
-    if loss == "sequence":
-        return None
-    if loss == "summary":
-        return torch.isin(trace.token_steps, torch.tensor(trace.summary_steps)).nonzero()[:, 0]
-    return answer_token_positions(trace)
-
-
 @pytest.mark.parametrize("pool", ["mean", "causal_mean"])
 @pytest.mark.parametrize("mode", ["dense", "bounded"])
 @pytest.mark.parametrize("loss", ["sequence", "summary", "answer"])
 def test_matches_brute_force_reference(tiny_model, reference_hf, trace, pool, mode, loss):
-    expected = reference_saliency(reference_hf, trace, pool, _loss_positions(trace, loss))
+    expected = reference_saliency(reference_hf, trace, pool, loss_positions(trace, loss))
     result = step_saliency(tiny_model, trace, loss=loss, pool=pool, mode=mode)
     assert result.maps.shape == (3, trace.n_steps, trace.n_steps)
     assert result.maps.dtype == torch.float64
-    assert _rel(result.maps, expected) < 1e-6
+    assert rel_error(result.maps, expected) < 1e-6
 
 
 def test_callable_loss_and_per_head_maps(tiny_model, reference_hf, trace):
@@ -67,7 +48,7 @@ def test_callable_loss_and_per_head_maps(tiny_model, reference_hf, trace):
     # Per-head maps are not averaged over heads, so float32 reduction order (which differs
     # between CPU kernels: 1.07e-6 on an AMD EPYC with HookedTransformer) shows more than
     # in the head-mean maps above; 2e-6 is still ~16 float32 ulps of the largest entry.
-    assert _rel(result.head_maps, torch.stack(per_head)) < 2e-6
+    assert rel_error(result.head_maps, torch.stack(per_head)) < 2e-6
     assert torch.allclose(result.maps, result.head_maps.mean(1))
     assert result.loss == "last_token_loss"
 
@@ -76,7 +57,7 @@ def test_layers_subset_and_no_side_effects(tiny_model, trace):
     full = step_saliency(tiny_model, trace)
     part = step_saliency(tiny_model, trace, layers=[2, 1], mode="bounded")
     assert part.layers == [1, 2]
-    assert _rel(part.maps, full.maps[1:]) < 1e-9
+    assert rel_error(part.maps, full.maps[1:]) < 1e-9
     assert all(p.grad is None for p in tiny_model.parameters())
     assert sum(len(h.fwd_hooks) + len(h.bwd_hooks) for h in tiny_model.hook_dict.values()) == 0
     assert all("forward" not in vars(b) for b in tiny_model.blocks)
@@ -89,15 +70,15 @@ def test_matches_reference_on_smollm2(smollm2, trace, pool):
     expected = reference_saliency(hf, trace, pool)
     dense = step_saliency(smollm2, trace, pool=pool)
     bounded = step_saliency(smollm2, trace, pool=pool, mode="bounded")
-    assert _rel(dense.maps, expected) < 1e-6
-    assert _rel(bounded.maps, expected) < 1e-6
+    assert rel_error(dense.maps, expected) < 1e-6
+    assert rel_error(bounded.maps, expected) < 1e-6
 
 
 @pytest.mark.smollm2
 def test_hooked_and_bridge_agree_on_smollm2(smollm2, smollm2_hooked, trace):
     bridge = step_saliency(smollm2, trace, layers=range(0, 30, 3))
     hooked = step_saliency(smollm2_hooked, trace, layers=range(0, 30, 3))
-    assert _rel(hooked.maps, bridge.maps) < 1e-4
+    assert rel_error(hooked.maps, bridge.maps) < 1e-4
 
 
 def test_from_cache_equals_step_saliency(tiny_model, trace):
@@ -109,7 +90,7 @@ def test_from_cache_equals_step_saliency(tiny_model, trace):
     from_cache = step_saliency_from_cache(cache, trace)
     direct = step_saliency(tiny_model, trace)
     assert from_cache.layers == [0, 1, 2]
-    assert _rel(from_cache.maps, direct.maps) < 1e-6
+    assert rel_error(from_cache.maps, direct.maps) < 1e-6
 
 
 def test_from_cache_errors_name_what_is_missing(tiny_model, trace, tokenizer):
@@ -136,8 +117,8 @@ def test_step_attention_equals_pooled_cache_patterns(tiny_model, trace, pool):
     from_model = step_attention(tiny_model, trace, pool=pool)
     from_cache = step_attention(cache, trace, pool=pool)
     assert from_model.map_kind == from_cache.map_kind == "attention"
-    assert _rel(from_model.maps, expected) < 1e-6
-    assert _rel(from_cache.maps, expected) < 1e-6
+    assert rel_error(from_model.maps, expected) < 1e-6
+    assert rel_error(from_cache.maps, expected) < 1e-6
 
 
 def test_save_load_dataframe_and_row_normalised(tiny_bridge, trace, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import apples_trace
+from conftest import apples_trace, rel_error
 from reference import reference_saliency
 
 from stepflow_tl import StepflowError
@@ -13,21 +13,11 @@ from stepflow_tl.saliency.compute import step_saliency, step_saliency_from_cache
 from stepflow_tl.saliency.losses import answer_token_positions
 from stepflow_tl.saliency.maps import StepSaliency
 from stepflow_tl.saliency.rules import LogitTarget, parse_target
-from stepflow_tl.tl.models import make_tiny_hf
 
 
 @pytest.fixture(scope="module")
 def trace(tokenizer):
     return apples_trace(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def reference_hf():
-    return make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _answer_logit(trace):
@@ -54,7 +44,7 @@ def test_rules_and_targets_match_the_reference(tiny_model, reference_hf, trace, 
     result = step_saliency(tiny_model, trace, mode=mode, rule=rule, **kwargs)
     assert result.rule == rule
     # signed values cancel in the pooled sums, so fp32 rounding shows more against the largest cell
-    assert _rel(result.maps, expected) < (1e-5 if rule == "signed" else 1e-6)
+    assert rel_error(result.maps, expected) < (1e-5 if rule == "signed" else 1e-6)
     if rule == "signed":
         assert (result.maps < 0).any() and (result.maps > 0).any()
     else:
@@ -70,7 +60,7 @@ def test_default_is_unchanged_and_per_head_signed_maps(tiny_model, reference_hf,
     assert torch.equal(plain.maps, step_saliency(tiny_model, trace, mode="bounded", rule="abs").maps)
     heads = step_saliency(tiny_model, trace, rule="signed", per_head=True, mode="tiled")
     expected = reference_saliency(reference_hf, trace, rule="signed", per_head=True)
-    assert _rel(heads.head_maps, expected) < 1e-5
+    assert rel_error(heads.head_maps, expected) < 1e-5
 
 
 def test_rules_from_a_cache(tiny_bridge, trace):
@@ -82,7 +72,7 @@ def test_rules_from_a_cache(tiny_bridge, trace):
     for rule in ("signed", "grad"):
         direct = step_saliency(tiny_bridge, trace, rule=rule)
         cached = step_saliency_from_cache(cache, trace, rule=rule)
-        assert _rel(cached.maps, direct.maps) < 1e-6
+        assert rel_error(cached.maps, direct.maps) < 1e-6
 
 
 def test_signed_maps_save_and_load(tiny_bridge, trace, tmp_path):

@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import BACKENDS, apples_trace
+from conftest import BACKENDS, apples_trace, loss_positions, rel_error
 from reference import hf_attention_and_grads, pool_loop, reference_saliency
 from stepflow_tl import StepflowError
 from stepflow_tl.saliency.compute import step_saliency
-from stepflow_tl.saliency.losses import answer_token_positions
 from stepflow_tl.tl.attention import TileSpec, TiledAttentionScope, tiled_attention_heads, tiled_unsupported_reason
 from stepflow_tl.tl.adapter import adapter
 from stepflow_tl.tl.models import load_model, make_tiny_hf
@@ -27,18 +26,6 @@ def trace(tokenizer):
 def small_tiles(monkeypatch):
     """Tiles of 16 tokens: a ~90-token trace then has diagonal, interior and skipped tiles."""
     monkeypatch.setattr(TiledAttentionScope, "BLOCK", 16)
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def _loss_positions(trace, loss):
-    if loss == "sequence":
-        return None
-    if loss == "summary":
-        return torch.isin(trace.token_steps, torch.tensor(trace.summary_steps)).nonzero()[:, 0]
-    return answer_token_positions(trace)
 
 
 def _dense_attention(q, k, v, scale, window, valid, sinks):
@@ -125,10 +112,10 @@ class _LargestSquare(TorchDispatchMode):
 @pytest.mark.parametrize("loss", ["sequence", "summary", "answer"])
 def test_tiled_matches_brute_force_reference(tiny_model, trace, pool, loss):
     reference_hf = make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
-    expected = reference_saliency(reference_hf, trace, pool, _loss_positions(trace, loss))
+    expected = reference_saliency(reference_hf, trace, pool, loss_positions(trace, loss))
     result = step_saliency(tiny_model, trace, loss=loss, pool=pool, mode="tiled")
     assert result.meta["mode"] == "tiled"
-    assert _rel(result.maps, expected) < 1e-6
+    assert rel_error(result.maps, expected) < 1e-6
     assert all("forward" not in vars(b.attn) for b in tiny_model.blocks)
 
 
@@ -158,15 +145,15 @@ def test_float64_is_exact_to_1e10(tiny_float64, trace, pool, loss):
     its RMSNorm and rotary tables are float64 where transformers' are fp32, so it sits
     1.6e-7 from the transformers reference."""
     reference_hf = make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0).double()
-    expected = reference_saliency(reference_hf, trace, pool, _loss_positions(trace, loss))
+    expected = reference_saliency(reference_hf, trace, pool, loss_positions(trace, loss))
     result = step_saliency(tiny_float64, trace, loss=loss, pool=pool, mode="tiled")
     dense = step_saliency(tiny_float64, trace, loss=loss, pool=pool, mode="dense")
     if adapter(tiny_float64).kind == "bridge":
-        assert _rel(result.maps, expected) < 1e-10
-        assert _rel(result.maps, dense.maps) < 1e-6
+        assert rel_error(result.maps, expected) < 1e-10
+        assert rel_error(result.maps, dense.maps) < 1e-6
     else:
-        assert _rel(result.maps, dense.maps) < 1e-10
-        assert _rel(result.maps, expected) < 1e-6
+        assert rel_error(result.maps, dense.maps) < 1e-10
+        assert rel_error(result.maps, expected) < 1e-6
 
 
 def test_per_head_and_layer_subset(tiny_model, trace):
@@ -177,10 +164,10 @@ def test_per_head_and_layer_subset(tiny_model, trace):
     ])
     result = step_saliency(tiny_model, trace, per_head=True, mode="tiled")
     assert result.head_maps.shape == (3, 4, trace.n_steps, trace.n_steps)
-    assert _rel(result.head_maps, per_head) < 1e-6
+    assert rel_error(result.head_maps, per_head) < 1e-6
     part = step_saliency(tiny_model, trace, layers=[2, 1], mode="tiled")
     assert part.layers == [1, 2]
-    assert _rel(part.maps, result.maps[1:]) < 1e-7
+    assert rel_error(part.maps, result.maps[1:]) < 1e-7
     assert all(p.grad is None for p in tiny_model.parameters())
 
 
@@ -204,7 +191,7 @@ def test_the_result_says_which_tile_side_ran_and_any_side_gives_the_same_map(tin
     for side in (7, 40, 512):
         result = step_saliency(tiny_model, trace, mode="tiled", block=side)
         assert result.meta["block"] == side
-        assert _rel(result.maps, default.maps) < 1e-6
+        assert rel_error(result.maps, default.maps) < 1e-6
     assert "block" not in step_saliency(tiny_model, trace, mode="bounded").meta
     with pytest.raises(StepflowError, match="block"):
         step_saliency(tiny_model, trace, mode="tiled", block=0)
@@ -278,7 +265,7 @@ def test_sliding_window_and_qkv_biases_on_qwen2(tokenizer, trace):
     assert [getattr(b.attn.original_component, "sliding_window", None) for b in model.blocks] == [None, 20]
     for pool in ("mean", "causal_mean"):
         dense = step_saliency(model, trace, pool=pool, mode="dense")
-        assert _rel(step_saliency(model, trace, pool=pool, mode="tiled").maps, dense.maps) < 1e-6
+        assert rel_error(step_saliency(model, trace, pool=pool, mode="tiled").maps, dense.maps) < 1e-6
 
 
 def test_attention_sinks_and_sliding_window_on_gpt_oss(tokenizer, trace):
@@ -297,7 +284,7 @@ def test_attention_sinks_and_sliding_window_on_gpt_oss(tokenizer, trace):
             layer.self_attn.sinks.normal_()  # zero at init; make every sink count
     model = _tiny_bridge_of(hf, tokenizer)
     dense = step_saliency(model, trace, mode="dense")
-    assert _rel(step_saliency(model, trace, mode="tiled").maps, dense.maps) < 1e-6
+    assert rel_error(step_saliency(model, trace, mode="tiled").maps, dense.maps) < 1e-6
 
 
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_config():
@@ -325,8 +312,8 @@ def test_tiled_matches_reference_on_smollm2(smollm2, trace):
 
     hf, _ = load_embedded_hf()
     for loss, pool in itertools.product(["sequence", "summary", "answer"], ["mean", "causal_mean"]):
-        expected = reference_saliency(hf, trace, pool, _loss_positions(trace, loss))
-        assert _rel(step_saliency(smollm2, trace, loss=loss, pool=pool, mode="tiled").maps, expected) < 1e-5, (loss, pool)
+        expected = reference_saliency(hf, trace, pool, loss_positions(trace, loss))
+        assert rel_error(step_saliency(smollm2, trace, loss=loss, pool=pool, mode="tiled").maps, expected) < 1e-5, (loss, pool)
 
 
 def test_qwen3_qk_norms(tokenizer, trace):
@@ -344,7 +331,7 @@ def test_qwen3_qk_norms(tokenizer, trace):
             layer.self_attn.k_norm.weight.normal_(1, 0.3)
     model = _tiny_bridge_of(hf, tokenizer)
     dense = step_saliency(model, trace, mode="dense")
-    assert _rel(step_saliency(model, trace, mode="tiled").maps, dense.maps) < 1e-6
+    assert rel_error(step_saliency(model, trace, mode="tiled").maps, dense.maps) < 1e-6
 
 
 @pytest.mark.smollm2
