@@ -166,6 +166,16 @@ class JobSchema:
     allow_nan: bool = True
 
 
+def traces_within_header(path: Path, header: dict, records: List[dict]) -> None:
+    """`JobSchema.fits` of the runs keyed by trace ``index`` (validation, saliency):
+    every index lies within the header's ``n_traces``."""
+    n = header.get("n_traces")
+    bad = [r["index"] for r in records if isinstance(n, int) and not 0 <= r["index"] < n]
+    if bad:
+        raise StepflowError(f"{path}: trace {bad[0]} is outside the header's {n} traces; delete the file or use "
+                            "another --out")
+
+
 def truncate_partial_line(path: Path) -> None:
     """Cut a trailing line without its newline (a write that was killed)."""
     if not path.exists():

@@ -28,7 +28,7 @@ from ..saliency.rules import TargetSpec, check_rule
 from ..tl.adapter import TLModel, adapter
 from ..tl.models import software_versions
 from ..traces.trace import Trace, load_traces
-from .jobs import JobSchema, read_jobs, refuse_foreign_files, run_jobs
+from .jobs import JobSchema, read_jobs, refuse_foreign_files, run_jobs, traces_within_header
 
 SALIENCY_VERSION = 1
 # What a saliency run writes into its directory (a fresh run refuses a directory holding them).
@@ -43,17 +43,9 @@ def _check_record(record: dict, path, where: str) -> None:
                             "hand?); delete the file or use another --out to start over")
 
 
-def _records_fit(path, header: dict, records: List[dict]) -> None:
-    n = header.get("n_traces")
-    bad = [r["index"] for r in records if isinstance(n, int) and not 0 <= r["index"] < n]
-    if bad:
-        raise StepflowError(f"{path}: trace {bad[0]} is outside the header's {n} traces; delete the file or use "
-                            "another --out")
-
-
 SALIENCY_SCHEMA = JobSchema(
     line_type="map", version=SALIENCY_VERSION, what="saliency run", key=lambda r: int(r["index"]),
-    name=lambda r: f"trace {r['index']}", check=_check_record, fits=_records_fit, allow_nan=True,
+    name=lambda r: f"trace {r['index']}", check=_check_record, fits=traces_within_header, allow_nan=True,
 )
 
 

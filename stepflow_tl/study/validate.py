@@ -49,15 +49,15 @@ from ..saliency.compute import step_attention, step_saliency
 from ..saliency.diagnostics import BANDS, METRICS, band_layers, compare, diagnose
 from ..saliency.losses import LOSSES
 from ..saliency.maps import StepSaliency
+from ..saliency.receivers import receiver_heads
 from ..stats import bootstrap_mean_ci, holm, spearman, wilcoxon_signed_rank
 from ..tl.adapter import TLModel, adapter
 from ..tl.hooks import temporary_hooks
 from ..traces.hookpoints import attach_trace, step_pattern_name
 from ..traces.trace import Trace
 from ..viz import Report
-from ..saliency.receivers import receiver_heads
 from .conditions import CONDITIONS, describe, resolve_conditions
-from .jobs import JobSchema, read_jobs, refuse_foreign_files, run_jobs, software_versions
+from .jobs import JobSchema, read_jobs, refuse_foreign_files, run_jobs, software_versions, traces_within_header
 from .problems import Problem
 from .resampling import outgoing, resampling_importance, signal_agreement
 
@@ -370,17 +370,9 @@ def _check_record(record: dict, path, where: str) -> None:
                             "hand?); delete the file or use another --out to start over")
 
 
-def _records_fit(path, header: dict, records: List[dict]) -> None:
-    n = header.get("n_traces")
-    bad = [r["index"] for r in records if isinstance(n, int) and not 0 <= r["index"] < n]
-    if bad:
-        raise StepflowError(f"{path}: trace {bad[0]} is outside the header's {n} traces; delete the file or use "
-                            "another --out")
-
-
 VALIDATION_SCHEMA = JobSchema(
     line_type="trace", version=VALIDATION_VERSION, what="validation run", key=lambda r: int(r["index"]),
-    name=lambda r: f"trace {r['index']}", check=_check_record, fits=_records_fit, allow_nan=False,
+    name=lambda r: f"trace {r['index']}", check=_check_record, fits=traces_within_header, allow_nan=False,
 )
 
 
