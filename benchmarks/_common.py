@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 TRACES = Path(os.environ.get(
@@ -181,6 +181,26 @@ def run_worker(args: list, timeout: float = 3600, mem_cap: Optional[int] = None)
         "peak_rss_seen": seen_kib * 1024,
         "wall_s": wall,
     }
+
+
+def interleaved_best(variants, repeats: int, worker_args: Callable[[str], list],
+                     describe: Callable[[dict], str]) -> Tuple[dict, dict]:
+    """Run every variant ``repeats`` times, one fresh process each (`run_worker` of
+    ``worker_args(variant)``), in alternating order so load drifts hit them alike, and
+    print each run (``describe(result)``) to stderr. Returns the fastest run of each
+    variant by ``tok_s`` and, per variant, every run's ``outputs``."""
+    best, outputs = {}, {}
+    for rep in range(repeats):
+        for variant in variants if rep % 2 == 0 else variants[::-1]:
+            res = run_worker(worker_args(variant))
+            if not res["ok"]:
+                print(f"  {variant}: {res['error']}", file=sys.stderr, flush=True)
+                continue
+            print(f"  {variant:9s} run {rep + 1}: {describe(res)}", file=sys.stderr, flush=True)
+            if res["tok_s"] > best.get(variant, {}).get("tok_s", 0):
+                best[variant] = res
+            outputs.setdefault(variant, []).append(res["outputs"])
+    return best, outputs
 
 
 def gib(n_bytes) -> str:

@@ -107,20 +107,13 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
 
-    best, results = {}, {}
-    for rep in range(args.repeats):
-        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
-            res = C.run_worker([__file__, "--worker", "--variant", variant, "--items", args.items, "--batch",
-                                args.batch, "--max-new-tokens", args.max_new_tokens, "--end-every",
-                                args.end_every, "--layers", args.layers])
-            if not res["ok"]:
-                print(f"  {variant}: {res['error']}", file=sys.stderr, flush=True)
-                continue
-            print(f"  {variant:9s} run {rep + 1}: {res['tok_s']:.1f} tok/s, {res['row_steps']} row-steps, "
-                  f"{res['wasted']:.1%} wasted, {res['occupancy']:.1%} occupied", file=sys.stderr, flush=True)
-            if res["tok_s"] > best.get(variant, {}).get("tok_s", 0):
-                best[variant] = res
-            results.setdefault(variant, []).append(res["outputs"])
+    best, results = C.interleaved_best(
+        VARIANTS, args.repeats,
+        lambda variant: [__file__, "--worker", "--variant", variant, "--items", args.items, "--batch", args.batch,
+                         "--max-new-tokens", args.max_new_tokens, "--end-every", args.end_every,
+                         "--layers", args.layers],
+        lambda res: (f"{res['tok_s']:.1f} tok/s, {res['row_steps']} row-steps, {res['wasted']:.1%} wasted, "
+                     f"{res['occupancy']:.1%} occupied"))
     same = len({repr(o) for outs in results.values() for o in outs}) == 1
     lengths = sorted(n for n, _ in next(iter(best.values()))["outputs"]) if best else []
     ratio = lambda v, base: f"{best[v]['tok_s'] / best[base]['tok_s']:.2f}" if base in best else "-"
