@@ -9,7 +9,7 @@ At each trace length (real thinking text, ``loss="sequence"``, all 30 layers, fp
   no hooks (the gradient taken at the input embeddings): what any attention-gradient
   method pays at least;
 - ``auto`` and any of ``dense``, ``bounded``, ``tiled`` (``--modes``): ``step_saliency``
-  in that mode (``auto`` prints the mode and tile it chose).
+  in that mode (``auto`` prints the mode, tile side and checkpointing it chose).
 
 One fresh process per measurement, variants interleaved, best time of ``--repeats``;
 memory is the call's peak resident set (counter reset after the model is loaded).
@@ -80,7 +80,8 @@ def worker(args) -> None:
         info["finite"] = bool(torch.stack(maps).isfinite().all())
     else:
         result = step_saliency(model, trace, mode=v)
-        info = {"mode": result.meta["mode"], "block": result.meta.get("block")}
+        info = {"mode": result.meta["mode"], "block": result.meta.get("block"),
+                "checkpoint": result.meta.get("checkpoint")}
     seconds = time.perf_counter() - start
     C.emit({"seconds": seconds, "peak_rss": C.peak_rss(), **info})
 
@@ -117,7 +118,8 @@ def main(argv=None) -> None:
         m = {v: best.get(v, {}).get("peak_rss") for v in variants}
         ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
         auto = best.get("auto", {})
-        ran = f"{auto.get('mode', '-')}" + (f" ({auto['block']})" if auto.get("block") else "")
+        ran = f"{auto.get('mode', '-')}" + (f" ({auto['block']}" + (", checkpointed" if auto.get("checkpoint") else "")
+                                             + ")" if auto.get("block") else "")
         rows.append([n] + [f"{t[v]:.1f}" if t[v] else best.get(v, {}).get("skipped", "-") for v in variants]
                     + [C.gib(m[v]) for v in variants]
                     + [ran, ratio(t["auto"], t["authors"]), ratio(m["auto"], m["authors"]), ratio(t["auto"], t["floor"])])

@@ -352,10 +352,9 @@ def test_saliency_file_names_are_unique_per_item_after_sanitising(tiny_bridge, t
     assert set(result.items["saliency"]) == {str(f.relative_to(tmp_path / "out")) for f in files}
 
 
-def test_study_maps_follow_auto_mode_so_long_traces_are_tiled(tiny_bridge, tokenizer, monkeypatch):
-    """evaluate's maps use mode="auto": with the threshold lowered below the trace's
-    length, the map is tiled, and equals the dense map (auto's short-trace choice) to fp32
-    rounding."""
+def test_study_maps_follow_auto_mode_and_are_tiled(tiny_bridge, tokenizer, monkeypatch):
+    """evaluate's maps use mode="auto": tiled, equal to the dense map (auto's choice where
+    tiled cannot run) to fp32 rounding."""
     import importlib
     from dataclasses import replace
 
@@ -368,8 +367,8 @@ def test_study_maps_follow_auto_mode_so_long_traces_are_tiled(tiny_bridge, token
     monkeypatch.setattr(run_module, "generate", lambda *a, on_finish, **kw: real(
         *a, on_finish=lambda j, g: on_finish(j, replace(g, trace=trace)), **kw))
     maps = {}
-    for threshold in (4, 10**9):
-        monkeypatch.setattr(compute, "AUTO_TILED_ABOVE", threshold)
+    for reason in (None, "a refusal"):
+        monkeypatch.setattr(compute, "tiled_unsupported_reason", lambda model, r=reason: r)
         result = evaluate(tiny_bridge, [Problem("a1", "What is 2 + 3?", "5", "integer")], conditions=["baseline"],
                           max_new_tokens=2, progress=False, saliency=True)
         (saliency,) = result.saliency.values()

@@ -152,7 +152,6 @@ def test_tiled_mode_refuses_interventions_and_auto_falls_back(tiny_bridge, trace
 
     with pytest.raises(StepflowError, match="cannot apply interventions"):
         step_saliency(tiny_bridge, trace, mode="tiled", interventions=[strong_flow()])
-    monkeypatch.setattr(compute, "AUTO_TILED_ABOVE", 1)
     assert step_saliency(tiny_bridge, trace, mode="auto").meta["mode"] == "tiled"
     intervened = step_saliency(tiny_bridge, trace, mode="auto", interventions=[strong_flow()])
     assert intervened.meta["mode"] == "dense"  # the short trace's dense memory fits

@@ -108,13 +108,14 @@ class _LargestSquare(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("checkpoint", [True, False])
 @pytest.mark.parametrize("pool", ["mean", "causal_mean"])
 @pytest.mark.parametrize("loss", ["sequence", "summary", "answer"])
-def test_tiled_matches_brute_force_reference(tiny_model, trace, pool, loss):
+def test_tiled_matches_brute_force_reference(tiny_model, trace, pool, loss, checkpoint):
     reference_hf = make_tiny_hf(n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, seed=0)
     expected = reference_saliency(reference_hf, trace, pool, loss_positions(trace, loss))
-    result = step_saliency(tiny_model, trace, loss=loss, pool=pool, mode="tiled")
-    assert result.meta["mode"] == "tiled"
+    result = step_saliency(tiny_model, trace, loss=loss, pool=pool, mode="tiled", checkpoint=checkpoint)
+    assert (result.meta["mode"], result.meta["checkpoint"]) == ("tiled", checkpoint)
     assert rel_error(result.maps, expected) < 1e-6
     assert all("forward" not in vars(b.attn) for b in tiny_model.blocks)
 
@@ -122,9 +123,10 @@ def test_tiled_matches_brute_force_reference(tiny_model, trace, pool, loss):
 def test_no_square_tensor_is_created(tiny_model, trace):
     """Not the scores, the pattern, a mask nor a product: nothing ``[..., T, T]``."""
     n_pos = trace.token_ids.shape[0]
-    with _LargestSquare(n_pos) as watch:
-        step_saliency(tiny_model, trace, mode="tiled")
-    assert watch.found == []
+    for checkpoint in (True, False):
+        with _LargestSquare(n_pos) as watch:
+            step_saliency(tiny_model, trace, mode="tiled", checkpoint=checkpoint)
+        assert watch.found == []
     with _LargestSquare(n_pos) as watch:
         step_saliency(tiny_model, trace, mode="bounded")
     assert watch.found  # the watcher sees the bounded mode's patterns
@@ -171,16 +173,18 @@ def test_per_head_and_layer_subset(tiny_model, trace):
     assert all(p.grad is None for p in tiny_model.parameters())
 
 
-def test_auto_picks_tiled_for_long_traces(tiny_model, trace, monkeypatch):
+def test_auto_runs_tiled_and_checkpoints_only_where_the_activations_do_not_fit(tiny_model, trace, monkeypatch):
     import stepflow_tl.saliency.compute as saliency
 
-    assert step_saliency(tiny_model, trace, mode="auto").meta["mode"] == "dense"  # short, and it fits
-    monkeypatch.setattr(saliency, "available_memory", lambda device: 1 << 20)  # dense would not fit
-    assert step_saliency(tiny_model, trace, mode="auto").meta["mode"] == "tiled"
-    monkeypatch.setattr(saliency, "available_memory", lambda device: 1 << 40)
-    monkeypatch.setattr(saliency, "AUTO_TILED_ABOVE", 10)
     result = step_saliency(tiny_model, trace, mode="auto")
-    assert (result.meta["mode"], result.meta["requested_mode"]) == ("tiled", "auto")
+    assert (result.meta["mode"], result.meta["requested_mode"], result.meta["checkpoint"]) == ("tiled", "auto", False)
+    monkeypatch.setattr(saliency, "available_memory", lambda device: 1 << 20)  # the activations would not fit
+    result = step_saliency(tiny_model, trace, mode="auto")
+    assert (result.meta["mode"], result.meta["checkpoint"]) == ("tiled", True)
+    assert step_saliency(tiny_model, trace, mode="tiled").meta["checkpoint"] is True  # tiled's default
+    assert step_saliency(tiny_model, trace, mode="auto", checkpoint=True).meta["checkpoint"] is True
+    with pytest.raises(StepflowError, match="checkpoint= chooses whether tiled mode"):
+        step_saliency(tiny_model, trace, mode="bounded", checkpoint=False)
 
 
 def test_the_result_says_which_tile_side_ran_and_any_side_gives_the_same_map(tiny_model, trace, monkeypatch):

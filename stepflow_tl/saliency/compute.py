@@ -212,12 +212,16 @@ class _BoundedGradients:
 
 
 class _TiledGradients:
-    """Tiled mode: as bounded, but no pattern exists. Every layer's attention runs as
+    """Tiled mode: no pattern exists. Every layer's attention runs as
     `tl.attention.TiledAttention`, whose backward hands each recomputed tile of
-    A and dL/dA to that layer's `tiled.TilePooler`; backward stops at the lowest mapped block's input."""
+    A and dL/dA to that layer's `tiled.TilePooler`; backward stops at the lowest mapped
+    block's input. With ``checkpoint`` the blocks run under activation checkpointing, as
+    in bounded mode (memory of one block, a second forward); without it autograd keeps
+    the blocks' ``O(T)`` activations, as in a plain forward and backward."""
 
-    def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool, block: int):
-        self.pooler, self.layers, self.block = pooler, layers, block
+    def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool, block: int,
+                 checkpoint: bool):
+        self.pooler, self.layers, self.block, self.checkpoint = pooler, layers, block, checkpoint
         self.target: Optional[torch.Tensor] = None
         self.tiles = {layer: TilePooler(trace.token_steps, pooler.onehot, n_heads, per_head, pooler.rule)
                       for layer in layers}
@@ -226,7 +230,8 @@ class _TiledGradients:
         return [(block_hook(self.layers[0], "resid_pre"), self._on_input)]
 
     def contexts(self, model) -> list:
-        return [TiledAttentionScope(model, self.tiles.get, self.block), checkpointed_blocks(model, self.layers[0])]
+        scope = TiledAttentionScope(model, self.tiles.get, self.block)
+        return [scope, checkpointed_blocks(model, self.layers[0])] if self.checkpoint else [scope]
 
     def _on_input(self, resid, hook):
         if self.target is None:
@@ -240,14 +245,10 @@ class _TiledGradients:
 
 _GRADIENTS = {"dense": _DenseGradients, "bounded": _BoundedGradients, "tiled": _TiledGradients}
 MODES = (*_GRADIENTS, "auto")
-# Above this many tokens "auto" picks tiled mode where the model's attention allows it:
-# on SmolLM2 (CPU, issue 24) dense was faster at 1,024 tokens and tiled at 2,048, and
-# dense mode's attention of every layer outgrows a GPU soon after.
-AUTO_TILED_ABOVE = 1536
-# "auto" runs dense mode (the authors' computation: one forward, one backward) where its
-# estimated peak, every mapped layer's attention kept for backward, takes at most this
-# share of the memory available on the device; else tiled (or bounded).
-DENSE_MEMORY_SHARE = 0.5
+# "auto" runs a mode without activation checkpointing (tiled without it, or dense where
+# tiled cannot run) where its estimated peak takes at most this share of the memory
+# available on the device; else it checkpoints (tiled, or bounded).
+AUTO_MEMORY_SHARE = 0.5
 
 
 def available_memory(device: torch.device) -> Optional[int]:
@@ -272,21 +273,43 @@ def dense_memory(n_tokens: int, n_heads: int, n_layers_kept: int, vocab: int, dt
     return 2 * n_layers_kept * n_heads * n_tokens ** 2 * item + 2 * n_tokens * vocab * item
 
 
+def activation_memory(n_tokens: int, n_layers: int, d_model: int, d_mlp: int, vocab: int,
+                      dtype: torch.dtype) -> int:
+    """Estimated peak bytes of tiled mode without checkpointing above the weights: what
+    autograd keeps of every block (about ``12 d_model + 4 d_mlp`` values per token) and
+    the whole-sequence logits, their log-softmax and its gradient (fp32 at least). On
+    SmolLM2 (fp32, CPU) this is 2.16 MB per token; measured: 2.2 MB per token between
+    1,024 and 2,048 tokens."""
+    item = torch.finfo(dtype).bits // 8
+    return n_tokens * (n_layers * (12 * d_model + 4 * d_mlp) * item + 3 * vocab * max(item, 4))
+
+
+def _fits(need: int, device: torch.device) -> bool:
+    free = available_memory(device)
+    return free is not None and need <= AUTO_MEMORY_SHARE * free
+
+
 def auto_mode(a, trace: Trace, layers: list, interventions: list, model: TLModel) -> str:
-    """The mode ``mode="auto"`` runs: tiled above `AUTO_TILED_ABOVE` tokens (where the
-    model's attention allows it and no intervention needs the pattern hooks), else dense
-    where `dense_memory` fits in `DENSE_MEMORY_SHARE` of `available_memory`, else tiled
-    (or bounded where tiled cannot run)."""
-    n_tokens = int(trace.token_ids.shape[0])
-    tiled_ok = not interventions and tiled_unsupported_reason(model) is None
-    if n_tokens > AUTO_TILED_ABOVE and tiled_ok:
+    """The mode ``mode="auto"`` runs: tiled where the model's attention allows it and no
+    intervention needs the pattern hooks (the fastest mode at every length measured, and
+    the smallest: no ``T x T`` matrix), else dense where `dense_memory` fits in
+    `AUTO_MEMORY_SHARE` of `available_memory`, else bounded."""
+    if not interventions and tiled_unsupported_reason(model) is None:
         return "tiled"
-    free = available_memory(a.device)
     vocab = int(getattr(a.model.cfg, "d_vocab", 0) or 0)
-    need = dense_memory(n_tokens, a.n_heads, a.n_layers - min(layers), vocab, a.dtype)
-    if free is not None and need <= DENSE_MEMORY_SHARE * free:
-        return "dense"
-    return "tiled" if tiled_ok else "bounded"
+    need = dense_memory(int(trace.token_ids.shape[0]), a.n_heads, a.n_layers - min(layers), vocab, a.dtype)
+    return "dense" if _fits(need, a.device) else "bounded"
+
+
+def auto_checkpoint(a, n_tokens: int) -> bool:
+    """Whether ``mode="auto"`` runs tiled mode under activation checkpointing: only where
+    the blocks' activations (`activation_memory`) would not fit in `AUTO_MEMORY_SHARE` of
+    `available_memory`. Checkpointing costs a second forward of every block."""
+    cfg = a.model.cfg
+    d_model = int(cfg.d_model)
+    need = activation_memory(n_tokens, a.n_layers, d_model, int(getattr(cfg, "d_mlp", None) or 4 * d_model),
+                             int(getattr(cfg, "d_vocab", 0) or 0), a.dtype)
+    return not _fits(need, a.device)
 
 
 # Tile sides "auto" may pick on a GPU, and the share of the free device memory one tile's
@@ -327,6 +350,7 @@ def step_saliency(
     rule: str = "abs",
     target: TargetSpec = None,
     block: Optional[int] = None,
+    checkpoint: Optional[bool] = None,
 ) -> StepSaliency:
     """Step-Saliency maps of one trace.
 
@@ -345,11 +369,12 @@ def step_saliency(
             and attention runs tile by tile with the pooling inside its backward
             (`stepflow_tl.tl.attention`): no ``T x T`` matrix, memory linear in T; the
             layers' ``hook_attn_scores``/``hook_pattern`` do not fire) or ``"auto"``
-            (`auto_mode`: tiled above `AUTO_TILED_ABOVE` tokens where the model's
-            attention allows it, else dense where its memory fits the device, else
-            tiled or bounded). All are exact. Bounded and tiled modes refuse a built-in
-            loss on a model that transforms its logits after the unembedding
-            (soft-capping); a callable loss gets whole logits in every mode.
+            (`auto_mode`: tiled where the model's attention allows it, without
+            activation checkpointing where the activations fit the device
+            (`auto_checkpoint`); else dense where its memory fits, else bounded). All
+            are exact. Bounded and checkpointed tiled modes refuse a built-in loss on a
+            model that transforms its logits after the unembedding (soft-capping); a
+            callable loss gets whole logits in every mode.
         interventions, state: see `intervened`; the maps are then those of the
             teacher-forced forward that StepFlow (or a control) edits exactly as
             KV-cached generation edits each position of this trace.
@@ -365,6 +390,12 @@ def step_saliency(
         block: tiled mode's tile side in tokens (default `auto_tile_side`: 256 on a CPU,
             growing with free memory on a GPU). ``meta["mode"]`` says which mode ran and,
             for tiled mode, ``meta["block"]`` which tile side.
+        checkpoint: tiled mode only: run the blocks under activation checkpointing
+            (memory of one block, at the price of a second forward; with it a built-in
+            loss is computed block-wise, as in bounded mode) or keep their activations,
+            as a plain backward does (one forward; memory `activation_memory`). Default:
+            True for ``mode="tiled"``, `auto_checkpoint` for ``"auto"``;
+            ``meta["checkpoint"]`` says which ran.
 
     Returns:
         `StepSaliency` with ``maps [layer, step_q, step_k]`` (float64; the products
@@ -384,6 +415,11 @@ def step_saliency(
     interventions = list(interventions)
     if mode == "auto":
         mode = auto_mode(a, trace, layers, interventions, model)
+    if checkpoint is not None and requested not in ("tiled", "auto"):
+        raise StepflowError(f"checkpoint= chooses whether tiled mode recomputes its blocks; mode={requested!r} "
+                            "takes none (bounded mode always checkpoints, dense mode never does)")
+    if mode == "tiled" and checkpoint is None:
+        checkpoint = requested == "tiled" or auto_checkpoint(a, int(trace.token_ids.shape[0]))
     if mode == "tiled" and interventions:
         # Tiled layers never fire hook_attn_scores/hook_pattern, where OEB and its
         # controls edit attention: the edits would be silently skipped.
@@ -398,15 +434,15 @@ def step_saliency(
     elif not callable(loss):  # resolved once: the loss function and the block-wise loss share them
         positions = loss_positions if loss_positions is not None else loss_target_positions(loss, trace)
     loss_name, loss_fn = resolve_loss(loss, trace, positions, logit)
-    # Bounded and tiled modes never hold whole-sequence logits for a built-in loss; a
+    # Bounded and checkpointed tiled modes never hold whole-sequence logits for a built-in loss; a
     # callable loss needs them, so it gets them.
-    blockwise_loss = mode in ("bounded", "tiled") and not callable(loss)
+    blockwise_loss = (mode == "bounded" or (mode == "tiled" and checkpoint)) and not callable(loss)
     pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device, rule)
     tokens = trace.token_ids[None].to(a.device)
     if mode == "tiled":
         if block is None:
             block = auto_tile_side(trace.token_ids.shape[0], a.n_heads, a.device)
-        gradients = _TiledGradients(pooler, layers, trace, a.n_heads, per_head, block)
+        gradients = _TiledGradients(pooler, layers, trace, a.n_heads, per_head, block, bool(checkpoint))
     else:
         gradients = _GRADIENTS[mode](pooler, layers)
     with ExitStack() as stack:
@@ -438,7 +474,7 @@ def step_saliency(
         trace, layers, pooler, n_model_layers=a.n_layers, map_kind="saliency", pool=pool,
         loss=loss_name, per_head=per_head,
         meta={"mode": mode, **({"requested_mode": requested} if requested != mode else {}),
-              **({"block": gradients.block} if mode == "tiled" else {}),
+              **({"block": gradients.block, "checkpoint": gradients.checkpoint} if mode == "tiled" else {}),
               "loss_value": float(value.detach()), **_provenance(a), **_intervention_meta(interventions),
               **({"target": [logit.position, logit.token_id]} if logit is not None else {})},
     )
