@@ -105,7 +105,8 @@ class TiledAttention(torch.autograd.Function):
         sinks: ``[n, g]`` sink logits (GPT-OSS) or None;
         spec: `TileSpec`; on_tile: called in backward as ``on_tile(rows, cols, a, da)``
         with the tile's ``A`` and ``dL/dA`` (``[n, g, q, k]``; ``dL/dA`` is 0 on masked
-        pairs, where ``A`` is 0 by construction), or None.
+        pairs, where ``A`` is 0 by construction), or None. Both are lent for the call:
+        backward reuses their memory once it returns.
 
     Rows with no allowed key (left padding) give ``z = 0``.
     """
@@ -126,23 +127,24 @@ class TiledAttention(torch.autograd.Function):
         n_k = k.shape[1]
         out = torch.zeros(n, g, T, d, dtype=cd, device=q.device)
         lse = torch.empty(n, g, T, dtype=cd, device=q.device)
+        kt, vc = k.to(cd).transpose(-1, -2), v.to(cd)
         for q0 in range(0, T, spec.block):
             q1 = min(T, q0 + spec.block)
             rows = q1 - q0
-            qb = q[:, :, q0:q1].to(cd).reshape(n, g * rows, d)
+            qb = _query_block(q, q0, q1, spec.scale, cd)
             m = torch.full((n, g * rows), -torch.inf, dtype=cd, device=q.device)
             l = torch.zeros(n, g * rows, dtype=cd, device=q.device)
             acc = torch.zeros(n, g * rows, d, dtype=cd, device=q.device)
             lo, hi = spec.key_range(q0, q1, n_k)
             for k0 in range(lo, hi, spec.block):
                 k1 = min(hi, k0 + spec.block)
-                s = _scores(qb, k, key_valid, spec, q0, q1, k0, k1, g, cd)
+                s, _ = _scores(qb, kt, key_valid, spec, q0, q1, k0, k1, g)
                 m_new = torch.maximum(m, s.amax(-1))
                 shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-                p = torch.exp(s - shift[..., None])
+                p = s.sub_(shift[..., None]).exp_()  # in place: the scores are not needed again
                 rescale = torch.exp(m - shift)
-                l = l * rescale + p.sum(-1)
-                acc = acc * rescale[..., None] + p @ v[:, k0:k1].to(cd)
+                l = l.mul_(rescale).add_(p.sum(-1))
+                acc = torch.baddbmm(acc.mul_(rescale[..., None]), p, vc[:, k0:k1])
                 m = m_new
             block_lse = m + torch.log(l)
             if sinks is not None:
@@ -170,27 +172,40 @@ class TiledAttention(torch.autograd.Function):
         spec, on_tile = ctx.spec, ctx.on_tile
         cd = out.dtype
         n, g, T, d = q.shape
+        n_k = k.shape[1]
         dout = dout.to(cd)
         delta = (dout * out).sum(-1)  # [n, g, T]: sum_k A dP = dz . z
-        dq = torch.zeros(n, g, T, d, dtype=cd, device=q.device)
+        dq = torch.empty(n, g, T, d, dtype=cd, device=q.device)
+        # dk and dv accumulate over query blocks; the scale of dk and dq is applied once, at the end
         dk = torch.zeros(k.shape, dtype=cd, device=q.device)
         dv = torch.zeros(v.shape, dtype=cd, device=q.device)
-        for q0, q1, k0, k1 in _tiles(spec, T, k.shape[1]):
+        kc, vc = k.to(cd), v.to(cd)
+        kt, vt = kc.transpose(-1, -2), vc.transpose(-1, -2)
+        for q0 in range(0, T, spec.block):
+            q1 = min(T, q0 + spec.block)
             rows = q1 - q0
-            qb = q[:, :, q0:q1].to(cd).reshape(n, g * rows, d)
+            qb = _query_block(q, q0, q1, spec.scale, cd)  # scaled: s = qb k^T, and dk = ds^T qb
             dob = dout[:, :, q0:q1].reshape(n, g * rows, d)
-            kb, vb = k[:, k0:k1].to(cd), v[:, k0:k1].to(cd)
-            s = _scores(qb, k, key_valid, spec, q0, q1, k0, k1, g, cd)
-            p = torch.exp(s - lse[:, :, q0:q1].reshape(n, g * rows)[..., None])
-            dp = dob @ vb.transpose(-1, -2)
-            if on_tile is not None:
-                shape = (n, g, rows, k1 - k0)
-                on_tile(slice(q0, q1), slice(k0, k1), p.reshape(shape),
-                        dp.masked_fill(torch.isneginf(s), 0.0).reshape(shape))
-            ds = p * (dp - delta[:, :, q0:q1].reshape(n, g * rows)[..., None])
-            dv[:, k0:k1] += p.transpose(-1, -2) @ dob
-            dq[:, :, q0:q1] += (ds @ kb).reshape(n, g, rows, d) * spec.scale
-            dk[:, k0:k1] += (ds.transpose(-1, -2) @ qb) * spec.scale
+            lse_b = lse[:, :, q0:q1].reshape(n, g * rows)[..., None]
+            delta_b = delta[:, :, q0:q1].reshape(n, g * rows)[..., None]
+            dqb = torch.zeros(n, g * rows, d, dtype=cd, device=q.device)
+            lo, hi = spec.key_range(q0, q1, n_k)
+            for k0 in range(lo, hi, spec.block):
+                k1 = min(hi, k0 + spec.block)
+                s, allowed = _scores(qb, kt, key_valid, spec, q0, q1, k0, k1, g)
+                p = s.sub_(lse_b).exp_()  # in place; masked pairs: exp(-inf) = 0
+                dp = dob @ vt[:, :, k0:k1]
+                if on_tile is not None:
+                    if allowed is not None:
+                        dp.masked_fill_(~allowed, 0.0)  # dL/dA is 0 where the attention cannot look
+                    shape = (n, g, rows, k1 - k0)
+                    on_tile(slice(q0, q1), slice(k0, k1), p.view(shape), dp.view(shape))
+                ds = dp.sub_(delta_b).mul_(p)  # in place: dp was only lent to on_tile
+                dv[:, k0:k1].baddbmm_(p.transpose(-1, -2), dob)
+                dqb.baddbmm_(ds, kc[:, k0:k1])
+                dk[:, k0:k1].baddbmm_(ds.transpose(-1, -2), qb)
+            dq[:, :, q0:q1] = dqb.reshape(n, g, rows, d)
+        dq.mul_(spec.scale)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[4]:
             # the sink column's own probability times (0 - delta): it carries no value
@@ -198,19 +213,26 @@ class TiledAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, dsinks, None, None
 
 
-def _scores(qb, k, key_valid, spec, q0, q1, k0, k1, g, cd):
-    """Masked scores of one tile, ``[n, g * rows, cols]`` (masked pairs are -inf)."""
+def _query_block(q, q0, q1, scale, cd):
+    """Query rows ``[q0, q1)`` of every head of a group, scaled, ``[n, g * rows, d]``."""
+    n, g, _, d = q.shape
+    return (q[:, :, q0:q1].to(cd) * scale).reshape(n, g * (q1 - q0), d)
+
+
+def _scores(qb, kt, key_valid, spec, q0, q1, k0, k1, g):
+    """Masked scores of one tile, ``[n, g * rows, cols]`` (masked pairs are -inf), from the
+    scaled query block and the transposed keys, and the tile's allowed pairs (None: all)."""
     n = qb.shape[0]
-    s = (qb @ k[:, k0:k1].to(cd).transpose(-1, -2)) * spec.scale
+    s = qb @ kt[:, :, k0:k1]
     allowed = spec.tile_mask(q0, q1, k0, k1, qb.device)
     if allowed is not None:
-        allowed = allowed[None, None].expand(n, g, -1, -1).reshape(n, g * (q1 - q0), k1 - k0)
+        allowed = allowed.repeat(g, 1)[None]  # [1, g * rows, cols], the group's heads stacked on rows
     if key_valid is not None:
         valid = key_valid[:, None, k0:k1]
         allowed = valid if allowed is None else allowed & valid
     if allowed is not None:
-        s = s.masked_fill(~allowed, -torch.inf)
-    return s
+        s.masked_fill_(~allowed, -torch.inf)
+    return s, allowed
 
 
 def tiled_attention_heads(
@@ -231,7 +253,7 @@ def tiled_attention_heads(
         key_valid: ``[batch, pos]``, False on padding.
         sinks: ``[head]`` attention-sink logits, or None.
         on_tile: receives ``(rows, cols, a, da)`` during backward: the tile's ``A`` and
-            ``dL/dA``, each ``[batch * kv_head, group, q, k]``.
+            ``dL/dA``, each ``[batch * kv_head, group, q, k]``, valid during the call only.
     """
     b, h, T, d = q.shape
     kvh = k.shape[1]
