@@ -6,9 +6,12 @@ chat template, left-padded) on the embedded SmolLM2-135M-Instruct, fp32, CPU:
 - ``transformers``: ``AutoModelForCausalLM`` with ``attn_implementation="sdpa"``,
   ``model.generate(do_sample=False)``: the speed a user gets without this plugin;
 - ``plain``: ``stepflow_tl.generate(model, prompts)`` (layers whose pattern nothing
-  reads run the fused kernel);
+  reads run the fused kernel; bridge components no hook watches run as the transformers
+  modules they wrap, `tl.bypass`);
 - ``stepflow``: ``stepflow_tl.generate(model, prompts, interventions=[StepFlow()])``;
-- ``explicit``: ``plain`` with a do-nothing hook on every ``hook_pattern``, which forces
+- ``bridged``: ``plain`` with every bridge component kept (the bypass replaced by a
+  no-op): what `generate` did before the bypass;
+- ``explicit``: ``bridged`` with a do-nothing hook on every ``hook_pattern``, which forces
   every layer onto the explicit attention path: what `generate` did before issue 24.
 
 One fresh process per measurement (model load excluded, one warm-up call, then the
@@ -32,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-VARIANTS = ("transformers", "plain", "stepflow", "explicit")
+VARIANTS = ("transformers", "plain", "stepflow", "bridged", "explicit")
 
 
 def worker(args) -> None:
@@ -62,8 +65,13 @@ def worker(args) -> None:
             return sum(int(row.tolist().index(tok.eos_token_id)) + 1 if tok.eos_token_id in row.tolist()
                        else row.shape[0] for row in new)
     else:
+        import contextlib
+
+        import stepflow_tl.interventions.generate as generation
         from stepflow_tl import StepFlow, generate, load_model
 
+        if args.variant in ("bridged", "explicit"):
+            generation.bypass_idle_bridges = lambda model: contextlib.nullcontext()
         model = load_model(device="cpu")
         n_layers = model.cfg.n_layers
         forced = [(f"blocks.{layer}.attn.hook_pattern", lambda x, hook: None) for layer in range(n_layers)]

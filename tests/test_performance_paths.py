@@ -333,3 +333,136 @@ def test_a_pattern_hook_added_inside_the_fused_block_fires(tiny_model, fused_cal
         assert len(fused_calls) == 2 * n_layers - 1
     assert all("forward" not in vars(block.attn) for block in tiny_model.blocks)
 
+
+
+# ---------------------------------------------------------------------- idle bridges bypassed (issue 24)
+def _decode_two(model, fwd_hooks=()):
+    """Prefill of a left-padded batch and one decoding step, with ``fwd_hooks``."""
+    from stepflow_tl.tl.adapter import pad_token_ids
+
+    a = adapter(model)
+    tokens, mask = pad_token_ids([model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in FUSED_PROMPTS])
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        logits, state = a.prefill(tokens, mask)
+        step, _ = a.decode(state, logits[:, -1:].argmax(-1))
+    return logits[mask.bool()], step
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
+    """Counts the calls of the bridge blocks' own forward (a bypassed block is not called)."""
+    from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+    calls = []
+    forward = BlockBridge.forward
+    monkeypatch.setattr(BlockBridge, "forward", lambda self, *a, **k: calls.append(self.name) or forward(self, *a, **k))
+    return calls
+
+
+def _bridge_places(model):
+    hf = model.original_model
+    return [(parent, name, child) for parent in hf.modules() for name, child in parent._modules.items()
+            if type(child).__module__.startswith("transformer_lens.model_bridge")]
+
+
+def test_bypassed_bridges_give_the_bridges_logits_exactly(tiny_bridge, block_calls):
+    from stepflow_tl.tl.bypass import bypass_idle_bridges
+
+    places = _bridge_places(tiny_bridge)
+    bridged = _decode_two(tiny_bridge)
+    assert len(block_calls) == 2 * adapter(tiny_bridge).n_layers
+    with bypass_idle_bridges(tiny_bridge):
+        bypassed = _decode_two(tiny_bridge)
+    assert len(block_calls) == 2 * adapter(tiny_bridge).n_layers  # no block ran as a bridge
+    assert torch.equal(bypassed[0], bridged[0]) and torch.equal(bypassed[1], bridged[1])
+    assert "forward" not in vars(tiny_bridge.original_model)
+    assert _bridge_places(tiny_bridge) == places  # every bridge is back in its place
+
+
+@pytest.mark.parametrize("point", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
+                                   "blocks.1.hook_mlp_out", "blocks.0.ln2.hook_normalized", "blocks.1.mlp.hook_pre",
+                                   "blocks.1.attn.hook_z", "ln_final.hook_normalized", "hook_embed", "unembed.hook_out"])
+def test_a_hook_inside_the_bypass_fires_and_edits(tiny_bridge, point):
+    """A hook on any hook point keeps its component a bridge for that forward: it fires
+    as often, and edits the same way, as without the bypass."""
+    from stepflow_tl.tl.bypass import bypass_idle_bridges
+
+    if point not in tiny_bridge.hook_dict:
+        pytest.skip(f"{point} is not a hook point of this bridge")
+    fired = []
+
+    def edit(x, hook):
+        fired.append(hook.name)
+        return x * 0.75
+
+    bridged = _decode_two(tiny_bridge, [(point, edit)])
+    n = len(fired)
+    with bypass_idle_bridges(tiny_bridge):
+        bypassed = _decode_two(tiny_bridge, [(point, edit)])
+    assert n > 0 and len(fired) == 2 * n
+    assert torch.equal(bypassed[0], bridged[0]) and torch.equal(bypassed[1], bridged[1])
+
+
+def test_torch_hooks_on_bridges_and_their_modules_fire_in_the_bypass(tiny_bridge):
+    from stepflow_tl.tl.bypass import bypass_idle_bridges
+
+    block = tiny_bridge.blocks[1]
+    fired = []
+    handles = [block.mlp.register_forward_hook(lambda m, i, o: fired.append("bridge")),
+               block.mlp.original_component.register_forward_hook(lambda m, i, o: fired.append("module")),
+               block.ln1.original_component.register_forward_pre_hook(lambda m, i: fired.append("pre"))]
+    try:
+        with bypass_idle_bridges(tiny_bridge):
+            _decode_two(tiny_bridge)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(fired) == sorted(["bridge", "module", "pre"] * 2)
+
+
+def test_the_bypass_restores_the_bridges_after_an_error(tiny_bridge):
+    from stepflow_tl.tl.bypass import bypass_idle_bridges
+
+    places = _bridge_places(tiny_bridge)
+
+    def fail(x, hook):
+        raise RuntimeError("boom")
+
+    with bypass_idle_bridges(tiny_bridge), pytest.raises(RuntimeError, match="boom"):
+        _decode_two(tiny_bridge, [("blocks.1.hook_resid_post", fail)])
+    assert _bridge_places(tiny_bridge) == places and "forward" not in vars(tiny_bridge.original_model)
+
+
+def test_stop_at_layer_and_global_hooks_turn_the_bypass_off(tiny_bridge, block_calls):
+    from stepflow_tl.tl.bypass import bypass_idle_bridges
+
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        bridged = tiny_bridge(tokens, stop_at_layer=1)
+        with bypass_idle_bridges(tiny_bridge):
+            assert torch.equal(tiny_bridge(tokens, stop_at_layer=1), bridged)
+            handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+            try:
+                n = len(block_calls)
+                adapter(tiny_bridge).forward(tokens)
+                assert len(block_calls) == n + adapter(tiny_bridge).n_layers  # global hook: no bypass
+            finally:
+                handle.remove()
+
+
+@pytest.mark.parametrize("with_stepflow", [False, True], ids=["plain", "stepflow"])
+def test_generate_with_the_bypass_gives_the_bridges_tokens(tiny_model, with_stepflow):
+    """`generate` (which bypasses idle bridges) against the same call with a global torch
+    hook, which turns the bypass off: same tokens and events."""
+    from stepflow_tl.interventions.generate import generate
+
+    ivs = _stepflow_all_layers if with_stepflow else list
+    fast = generate(tiny_model, FUSED_PROMPTS, max_new_tokens=12, interventions=ivs())
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        slow = generate(tiny_model, FUSED_PROMPTS, max_new_tokens=12, interventions=ivs())
+    finally:
+        handle.remove()
+    strip = lambda evs: [(x.intervention, x.layer, x.position, x.n_heads, x.lambda_b, x.injected_norm) for x in evs]
+    for f, s in zip(fast, slow):
+        assert f.output_ids == s.output_ids and strip(f.events) == strip(s.events)

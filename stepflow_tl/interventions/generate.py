@@ -21,6 +21,7 @@ from ..checks import check_int, check_real
 from ..errors import StepflowError
 from ..tl.adapter import TLModel, Tokenizer, adapter, pad_token_ids, tokenizer_of
 from ..tl.attention import fused_attention
+from ..tl.bypass import bypass_idle_bridges
 from ..traces.formats import QUESTION_TYPE, conversation, decode, find_question, render_prompt, resolve_format, resolve_split
 from ..traces.trace import Trace, TraceWarning
 from .base import InterventionEvent, apply_interventions
@@ -444,8 +445,9 @@ def generate(
         return dstate, last
 
     first = next_group()
-    # Layers whose pattern no hook reads run the fused kernel (decided per call).
-    with fused_attention(model), apply_interventions(interventions, model, prefill_state(first)) as runs:
+    # Layers whose pattern no hook reads run the fused kernel, and bridge components no
+    # hook watches run as the transformers modules they wrap (both decided per forward).
+    with fused_attention(model), bypass_idle_bridges(model), apply_interventions(interventions, model, prefill_state(first)) as runs:
         dstate, last = admit(runs, first, None, None)
         while True:
             if do_sample:

@@ -37,6 +37,7 @@ from torch.autograd.function import FunctionCtx
 from ..checks import check_int
 from ..errors import StepflowError
 from .adapter import TLModel, adapter
+from .bypass import watched
 
 TileFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]
 
@@ -430,12 +431,12 @@ def _bridge_rotated_qkv(attn, layer: int, hidden, position_embeddings):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     head_dim = attn.original_component.head_dim
-    hidden = attn.hook_in(hidden)
+    hidden = _fire(attn.hook_in, hidden)
     input_shape = hidden.shape[:-1]
     shape = (*input_shape, -1, head_dim)
-    q = attn.q(hidden).view(shape).transpose(1, 2)
-    k = attn.k(hidden).view(shape).transpose(1, 2)
-    v = attn.v(hidden).view(shape).transpose(1, 2)
+    q = _project(attn.q, hidden).view(shape).transpose(1, 2)
+    k = _project(attn.k, hidden).view(shape).transpose(1, 2)
+    v = _project(attn.v, hidden).view(shape).transpose(1, 2)
     if "q_norm" in attn.submodules:
         q = attn.hook_q_normed(attn.q_norm(q))
     if "k_norm" in attn.submodules:
@@ -458,10 +459,28 @@ def _bridge_rotated_qkv(attn, layer: int, hidden, position_embeddings):
         else:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if hasattr(attn, "hook_rot_q"):
-        q = attn.hook_rot_q(q)
+        q = _fire(attn.hook_rot_q, q)
     if hasattr(attn, "hook_rot_k"):
-        k = attn.hook_rot_k(k)
+        k = _fire(attn.hook_rot_k, k)
     return q, k, v, input_shape
+
+
+def _fire(point, x: torch.Tensor) -> torch.Tensor:
+    """``point(x)`` for a hook point: skipped where nothing watches it (a hook point is the
+    identity without hooks, and the module call is a real share of a decoding step)."""
+    return point(x) if watched(point) else x
+
+
+def _project(linear, x: torch.Tensor) -> torch.Tensor:
+    """A bridge's linear map of ``x``: its wrapped ``nn.Linear`` called directly where
+    neither it nor its hook points (``hook_in``, ``hook_out``) are watched, as the
+    bridge's own forward would compute it (and records, in ``_fired_hook_out``)."""
+    if (type(linear).__name__ != "LinearBridge" or linear._suppress_next_hook_in or watched(linear)
+            or watched(linear.hook_in) or watched(linear.hook_out) or watched(linear.original_component)):
+        return linear(x)
+    out = linear.original_component(x)
+    object.__setattr__(linear, "_fired_hook_out", True)
+    return out
 
 
 def _bridge_output(attn, z, input_shape):
@@ -471,7 +490,7 @@ def _bridge_output(attn, z, input_shape):
     o_weight = getattr(attn.o.original_component, "weight", None)
     if isinstance(o_weight, torch.Tensor) and o_weight.dtype.is_floating_point and z.dtype != o_weight.dtype:
         z = z.to(o_weight.dtype)
-    return attn.hook_out(attn.o(z)), None
+    return _fire(attn.hook_out, _project(attn.o, z)), None
 
 
 def _bridge_forward(attn, layer: int, owner: TiledAttentionScope):

@@ -1,0 +1,187 @@
+"""Bridge components that nothing watches run as the transformers modules they wrap.
+
+A TL 4.x `TransformerBridge` puts a bridge component in place of every submodule of the
+transformers model (blocks, norms, MLPs, linear maps, embeddings); each fires its hook
+points around the module it wraps. With no hook on them they compute what the wrapped
+module computes, at ~1,700 module calls per decoding step of SmolLM2 against ~360 in
+transformers: in KV-cached decoding, where a step is a few milliseconds of matrix
+products, that Python overhead is a quarter of the step.
+
+`bypass_idle_bridges` puts the wrapped module back in its parent for one forward, where
+nothing could tell the difference: no hook on any hook point below the component, no
+torch hook on any module below it, no replaced ``forward``. The choice is made at the
+start of every forward of the model, from the hooks present then, so a hook added with
+``run_with_hooks`` / ``run_with_cache`` / ``model.hooks`` fires as it always does: its
+component stays a bridge. Attention components always stay bridges (they run the
+plugin's fused or explicit attention, `tl.attention.fused_attention`, and take the
+bridge's mask); a block whose own hook points are watched stays a bridge and only its
+idle norms and MLP are bypassed. Nothing is bypassed under ``stop_at_layer`` /
+``start_at_layer``, in compatibility mode (processed weights make a bridge compute other
+than its wrapped module) or while a global torch module hook is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch
+
+from .adapter import TLModel, adapter
+
+# Bridge components that, with no hook on them, run exactly their wrapped module (TL 4.x
+# `generalized_components`); any other kind always stays a bridge.
+_PASS_THROUGH = ("BlockBridge", "LinearBridge", "NormalizationBridge", "RMSNormalizationBridge", "MLPBridge",
+                 "GatedMLPBridge", "EmbeddingBridge", "UnembeddingBridge", "RotaryEmbeddingBridge")
+
+
+@dataclass
+class _Place:
+    """A bridge component sitting at ``parent._modules[name]``, with what decides whether it
+    is idle and the bridge components inside the module it wraps."""
+
+    parent: torch.nn.Module
+    name: str
+    bridge: torch.nn.Module
+    watched: List[torch.nn.Module]  # every module below, attention components excluded
+    inner: List["_Place"] = field(default_factory=list)
+
+    @property
+    def is_block(self) -> bool:
+        return type(self.bridge).__name__ == "BlockBridge"
+
+
+def watched(module: torch.nn.Module, ignore: frozenset = frozenset()) -> bool:
+    """Whether anything besides ``module``'s own ``forward`` runs when it is called: a torch
+    hook (other than those whose ids are in ``ignore``; TL's hook points keep their hooks
+    there too) or a replaced ``forward``."""
+    if "forward" in module.__dict__:
+        return True
+    for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                  module._backward_pre_hooks):
+        if hooks and any(key not in ignore for key in hooks):
+            return True
+    return False
+
+
+class bypass_idle_bridges:
+    """For a ``with`` block, run each bridge component that no hook watches as the
+    transformers module it wraps (decided at every forward; a no-op on TL 3.9's
+    ``HookedTransformer``, whose hook points wrap no module).
+
+    Example::
+
+        with bypass_idle_bridges(model):
+            logits = model(tokens)           # idle components run as transformers' own
+            model.run_with_hooks(tokens, fwd_hooks=[("blocks.3.hook_resid_post", f)])
+                                             # block 3 stays a bridge: f fires
+    """
+
+    def __init__(self, model: TLModel):
+        self.model = model
+        self._hf = None
+
+    def __enter__(self):
+        if adapter(self.model).kind != "bridge":
+            return self
+        hf = getattr(self.model, "original_model", None)
+        if hf is None or "forward" in vars(hf):
+            return self  # something else already runs this forward its own way
+        from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+        def places(module: torch.nn.Module) -> List[_Place]:
+            found = []
+            for name, child in module._modules.items():
+                if child is None or isinstance(child, AttentionBridge):
+                    continue
+                if not isinstance(child, GeneralizedComponent):
+                    found.extend(places(child))
+                elif type(child).__name__ in _PASS_THROUGH and child.original_component is not None:
+                    watched = [m for m in _below(child, AttentionBridge)]
+                    found.append(_Place(module, name, child, watched, places(child.original_component)))
+            return found
+
+        self._places = places(hf)
+        self._blocks = [p.bridge for p in _walk(self._places) if p.is_block]
+        self._hf = hf
+        explicit = type(hf).forward
+
+        @functools.wraps(explicit)  # keeps the signature, which callers inspect for the cache keyword
+        def forward(*args, **kwargs):
+            swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []
+            try:
+                if self._may_bypass():
+                    self._swap(self._places, swapped)
+                return explicit(hf, *args, **kwargs)
+            finally:
+                for parent, name, bridge in reversed(swapped):
+                    parent._modules[name] = bridge
+
+        vars(hf)["forward"] = forward
+        return self
+
+    def __exit__(self, *exc):
+        if self._hf is not None:
+            vars(self._hf).pop("forward", None)
+            self._hf = None
+        return False
+
+    def _may_bypass(self) -> bool:
+        from torch.nn.modules import module as torch_module
+
+        if getattr(self.model, "compatibility_mode", False) or any(
+                getattr(torch_module, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                         "_global_backward_hooks", "_global_backward_pre_hooks")):
+            return False
+        return not any(getattr(b, "_stop_at_layer_idx", None) is not None
+                       or getattr(b, "_start_at_layer_idx", None) is not None for b in self._blocks)
+
+    def _swap(self, places: List[_Place], swapped: list, inside_idle: bool = False) -> None:
+        for place in places:
+            block_hooks = _capture_hook_ids(place.bridge) if place.is_block else frozenset()
+            idle = inside_idle or not any(watched(m, block_hooks) for m in place.watched if _maybe_watched(m))
+            if idle:
+                place.parent._modules[place.name] = place.bridge.original_component
+                swapped.append((place.parent, place.name, place.bridge))
+                self._swap(place.inner, swapped, inside_idle=True)
+            elif place.is_block:
+                # Inside a watched block, only children no hook touches at all (TL's own
+                # capture hooks on the norms included) leave.
+                self._swap([p for p in place.inner if not watched(p.bridge)], swapped)
+
+
+def _maybe_watched(module: torch.nn.Module) -> bool:
+    """`watched`'s quick pre-check (dictionary lookups only: it runs for every module of
+    the model at every decoding step)."""
+    d = module.__dict__
+    return bool("forward" in d or d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                or d["_backward_pre_hooks"])
+
+
+def _below(bridge: torch.nn.Module, skip: type):
+    """Every module under ``bridge`` (itself included), without attention components and
+    what is under them."""
+    stack = [bridge]
+    seen = set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen or isinstance(m, skip):
+            continue
+        seen.add(id(m))
+        yield m
+        stack.extend(c for c in m._modules.values() if c is not None)
+
+
+def _walk(places: List[_Place]):
+    for p in places:
+        yield p
+        yield from _walk(p.inner)
+
+
+def _capture_hook_ids(block: torch.nn.Module) -> frozenset:
+    """The ids of the hooks a TL block registers on its own norms (to feed attention's
+    split-q/k/v inputs and ``hook_mlp_in``): they only serve hook points below the block,
+    which are watched themselves."""
+    return frozenset(h.id for h in getattr(block, "_capture_hook_handles", ()))
