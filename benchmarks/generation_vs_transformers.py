@@ -17,7 +17,8 @@ chat template, left-padded) on the embedded SmolLM2-135M-Instruct, fp32, CPU:
 One fresh process per measurement (model load excluded, one warm-up call, then the
 timed call), the variants interleaved and rotated, ``--repeats`` times; the best
 tokens/s of the repeats is kept (noise only slows a run). Tokens/s is generated tokens
-of the batch / wall time of the call. Ratios are printed against ``transformers``.
+of the batch / wall time of the call. Ratios are printed against ``transformers``, and
+whether every run's greedy tokens are transformers' own.
 
 Run::
 
@@ -60,10 +61,9 @@ def worker(args) -> None:
             with torch.no_grad():
                 out = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id or tok.eos_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]
+            new = out[:, batch["input_ids"].shape[1]:].tolist()
             # tokens up to and including each row's first EOS, as `generate` counts them
-            return sum(int(row.tolist().index(tok.eos_token_id)) + 1 if tok.eos_token_id in row.tolist()
-                       else row.shape[0] for row in new)
+            return [row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in new]
     else:
         import contextlib
 
@@ -81,13 +81,14 @@ def worker(args) -> None:
             with hooks:
                 out = generate(model, questions, max_new_tokens=args.new_tokens,
                                interventions=[StepFlow()] if args.variant == "stepflow" else ())
-            return sum(len(g.output_ids) for g in out)
+            return [g.output_ids for g in out]
 
     run()  # warm-up: first-call allocations and caches
     start = time.perf_counter()
-    n_tokens = run()
+    outputs = run()
     seconds = time.perf_counter() - start
-    C.emit({"tokens": n_tokens, "seconds": seconds, "tok_s": n_tokens / seconds})
+    n_tokens = sum(map(len, outputs))
+    C.emit({"tokens": n_tokens, "seconds": seconds, "tok_s": n_tokens / seconds, "outputs": outputs})
 
 
 def main(argv=None) -> None:
@@ -105,28 +106,24 @@ def main(argv=None) -> None:
 
     rows = []
     for batch in args.batch:
-        best = {v: None for v in args.variants}
-        tokens = {}
-        for rep in range(args.repeats):
-            order = args.variants[rep % len(args.variants):] + args.variants[: rep % len(args.variants)]
-            for variant in order:
-                res = C.run_worker([__file__, "--worker", "--variant", variant, "--batch", batch,
-                                    "--new-tokens", args.new_tokens])
-                if not res["ok"]:
-                    print(f"  batch {batch} {variant}: {res['error']}", file=sys.stderr, flush=True)
-                    continue
-                tokens[variant] = res["tokens"]
-                best[variant] = max(best[variant] or 0.0, res["tok_s"])
-                print(f"  batch {batch} {variant:12s} run {rep + 1}: {res['tok_s']:.2f} tok/s "
-                      f"({res['tokens']} tokens)", file=sys.stderr, flush=True)
-        base = best.get("transformers")
+        best, outputs = C.interleaved_best(
+            args.variants, args.repeats,
+            lambda variant: [__file__, "--worker", "--variant", variant, "--batch", batch,
+                             "--new-tokens", args.new_tokens],
+            lambda res: f"batch {batch}: {res['tok_s']:.2f} tok/s ({res['tokens']} tokens)")
+        base = best.get("transformers", {}).get("tok_s")
+        reference = outputs.get("transformers", [None])[0]
         for variant in args.variants:
-            speed = best[variant]
+            speed = best.get(variant, {}).get("tok_s")
             ratio = f"{speed / base:.2f}" if speed and base else "-"
-            rows.append([batch, variant, tokens.get(variant, "-"), f"{speed:.2f}" if speed else "-", ratio])
+            # greedy tokens of every run against transformers' (StepFlow changes them on purpose)
+            same = "-" if reference is None or variant not in outputs else (
+                "yes" if all(o == reference for o in outputs[variant]) else "no")
+            rows.append([batch, variant, best.get(variant, {}).get("tokens", "-"), f"{speed:.2f}" if speed else "-",
+                         ratio, same])
     print(f"Generation vs transformers (SDPA), SmolLM2-135M fp32, CPU, {C.n_threads()} thread(s), greedy, "
           f"max_new_tokens={args.new_tokens}, best of {args.repeats} interleaved runs, one process each")
-    print(C.table(["batch", "variant", "tokens", "tok/s", "x transformers"], rows))
+    print(C.table(["batch", "variant", "tokens", "tok/s", "x transformers", "tokens as transformers"], rows))
 
 
 if __name__ == "__main__":
