@@ -466,3 +466,29 @@ def test_generate_with_the_bypass_gives_the_bridges_tokens(tiny_model, with_step
     strip = lambda evs: [(x.intervention, x.layer, x.position, x.n_heads, x.lambda_b, x.injected_norm) for x in evs]
     for f, s in zip(fast, slow):
         assert f.output_ids == s.output_ids and strip(f.events) == strip(s.events)
+
+
+def test_watched_layers_inside_fused_attention_give_the_bridges_own_bits(tiny_model, fused_calls):
+    """A layer whose scores a hook edits runs the plugin's explicit path inside
+    `fused_attention` (TL 4.x): the same bits as the bridge's own forward, and the hooks
+    fire as often."""
+    from stepflow_tl.tl.attention import fused_attention
+
+    fired = []
+
+    def edit(scores, hook):
+        fired.append(hook.name)
+        return scores + 0.25 * torch.arange(scores.shape[-1], dtype=scores.dtype) / scores.shape[-1]
+
+    def look(pattern, hook):
+        fired.append(hook.name)
+
+    n_layers = adapter(tiny_model).n_layers
+    hooks = [("blocks.0.attn.hook_attn_scores", edit)] + [
+        (f"blocks.{layer}.attn.hook_pattern", look) for layer in range(n_layers)]  # no layer fused
+    own = _decode_two(tiny_model, hooks)
+    n = len(fired)
+    with fused_attention(tiny_model):
+        inside = _decode_two(tiny_model, hooks)
+    assert n == 2 * (n_layers + 1) and len(fired) == 2 * n and not fused_calls
+    assert torch.equal(inside[0], own[0]) and torch.equal(inside[1], own[1])

@@ -653,20 +653,26 @@ def _bridge_fused_forward(attn, layer: int):
 
     The bridge receives transformers' eager mask: ``[batch, 1, q, k]`` additive, causal
     (and sliding-window) rules included, which the fused kernel takes as it is; any other
-    mask runs the explicit path."""
+    mask runs the bridge's own forward. A layer whose scores or pattern a hook reads runs
+    `_bridge_explicit_heads` (TL 4.x; TL 3.9's bridge runs its own forward)."""
     explicit = type(attn).forward
     hf = attn.original_component
     scale = getattr(hf, "scaling", hf.head_dim ** -0.5)
+    own_explicit = hasattr(attn, "_masked_softmax")
 
     def forward(*args, **kwargs):
         mask = kwargs.get("attention_mask")
-        if pattern_is_read(attn) or mask is None or mask.ndim != 4:
+        read = pattern_is_read(attn)
+        if mask is None or mask.ndim != 4 or (read and not own_explicit):
             return explicit(attn, *args, **kwargs)
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
         position_embeddings = kwargs.pop("position_embeddings", None)
         kwargs.pop("attention_mask")
         q, k, v, input_shape = _bridge_rotated_qkv(attn, layer, hidden, position_embeddings)
         k, v = attn._update_kv_cache(k, v, **kwargs)
+        if read:
+            z, pattern = _bridge_explicit_heads(attn, q, k, v, mask, scale)
+            return _bridge_output(attn, z, input_shape)[0], pattern
         mask = mask[..., : k.shape[-2]]
         if mask.shape[-2] != q.shape[-2]:
             mask = mask[..., -q.shape[-2]:, :]
@@ -674,6 +680,25 @@ def _bridge_fused_forward(attn, layer: int):
         return _bridge_output(attn, z, input_shape)
 
     return forward
+
+
+def _bridge_explicit_heads(attn, q, k, v, mask, scale):
+    """The explicit attention of TL 4.x's `PositionEmbeddingsAttentionBridge.forward`, op
+    for op (the same scores, mask, fp32 softmax and NaN scrub, so the same bits), firing
+    ``hook_attn_scores`` and ``hook_pattern``: ``(z [batch, head, q, d_head], pattern)``.
+    Only what the refusals leave (no sinks, soft-capping or dropout) is reproduced."""
+    groups = getattr(attn.original_component, "num_key_value_groups", 1)
+    if groups > 1:
+        from transformers.models.llama.modeling_llama import repeat_kv
+
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = attn._apply_reconstruct_attention_mask(attn_scores=scores, attention_mask=mask, seq_len=k.shape[-2],
+                                                    q_seq_len=q.shape[-2])
+    scores = _fire(attn.hook_attn_scores, scores)
+    pattern = attn._scrub_compatibility_pattern_nans(attn._masked_softmax(scores, dtype=torch.float32).to(q.dtype))
+    pattern = _fire(attn.hook_pattern, pattern)
+    return torch.matmul(pattern, v), pattern
 
 
 def _hooked_fused_forward(attn, layer: int):
