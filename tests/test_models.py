@@ -85,6 +85,22 @@ def test_kv_cached_decoding_matches_full_forward_with_left_padding(tiny_model):
             assert (got - expected).abs().max() < 1e-4, row
 
 
+def test_prefill_of_the_last_position_only(tiny_model):
+    """``last_only``: the last position's logits (the bridge unembeds that position only)
+    and the same cache, so decoding goes on identically."""
+    a = adapter(tiny_model)
+    tokens = torch.stack([torch.arange(100, 112), torch.arange(200, 212)])
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        full, state = a.prefill(tokens, mask)
+        last, state_last = a.prefill(tokens, mask, last_only=True)
+        assert last.shape == (2, 1, full.shape[-1])
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+        nxt = torch.tensor([[7], [9]])
+        assert torch.equal(a.decode(state, nxt)[0], a.decode(state_last, nxt)[0])
+
+
 @needs_hooked
 def test_tiny_backends_agree(tiny_bridge, tiny_hooked):
     ids = torch.arange(50, 80)[None]

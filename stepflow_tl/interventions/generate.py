@@ -412,7 +412,7 @@ def generate(
             prompts_run = [list(k) for k in fresh] if share else [ids[i] for i in group]
             tokens, mask = pad_token_ids(prompts_run, pad_id)
             t0 = time.perf_counter()
-            logits, fresh_state = a.prefill(tokens.to(device), mask.to(device))
+            logits, fresh_state = a.prefill(tokens.to(device), mask.to(device), last_only=True)
             fresh_last = logits[:, -1].float()
             _sync(device)
             took = time.perf_counter() - t0

@@ -138,7 +138,7 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ decoding
     def prefill(
-        self, tokens: torch.Tensor, attention_mask: torch.Tensor
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, *, last_only: bool = False
     ) -> Tuple[torch.Tensor, DecodeState]:
         """Run the prompt and start a KV cache.
 
@@ -149,9 +149,15 @@ class ModelAdapter:
         Args:
             tokens: ``[batch, pos]``, left-padded.
             attention_mask: ``[batch, pos]``, 0 on padding.
+            last_only: return the last position's logits only, ``[batch, 1, vocab]``. On
+                the bridge the unembedding then runs on that position only (transformers'
+                ``logits_to_keep``, as its ``generate`` does), so a long prompt never
+                holds ``[pos, vocab]`` logits and a hook on the unembedding sees that one
+                position.
 
         Returns:
-            logits ``[batch, pos, vocab]`` and the state for `decode`.
+            logits ``[batch, pos, vocab]`` (``[batch, 1, vocab]`` with ``last_only``) and the
+            state for `decode`.
         """
         if self.kind == "hooked":
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -164,8 +170,11 @@ class ModelAdapter:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.original_model.config)
+            keep = {"logits_to_keep": 1} if last_only and "logits_to_keep" in self._forward_parameters() else {}
             with _attention_sees_cache(self.model):
-                logits = self.model(tokens, attention_mask=attention_mask, **self._cache_kwargs(cache))
+                logits = self.model(tokens, attention_mask=attention_mask, **self._cache_kwargs(cache), **keep)
+        if last_only:
+            logits = logits[:, -1:]
         state = DecodeState(cache, attention_mask)
         self._check_cache(state)
         return logits, state
@@ -259,9 +268,14 @@ class ModelAdapter:
         """How to hand ``cache`` to the wrapped transformers model: under the keyword its
         ``forward`` declares (``cache`` from transformers 5.24 on, ``past_key_values``
         before), so no release's deprecation path is relied on."""
-        forward = self.model.original_model.forward
-        name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        name = "cache" if "cache" in self._forward_parameters() else "past_key_values"
         return {name: cache, "use_cache": True}
+
+    def _forward_parameters(self):
+        """The parameter names of the wrapped transformers model's ``forward``."""
+        if not hasattr(self, "_parameters_of_forward"):
+            self._parameters_of_forward = inspect.signature(type(self.model.original_model).forward).parameters
+        return self._parameters_of_forward
 
     def _check_cache(self, state: DecodeState) -> None:
         """The KV cache must hold one entry per position seen (padding included)."""
