@@ -328,7 +328,7 @@ def test_rows_with_one_prompt_share_its_prefill(tiny_model, monkeypatch):
     prefilled = []
     prefill = ModelAdapter.prefill
     monkeypatch.setattr(ModelAdapter, "prefill",
-                        lambda self, tokens, mask: prefilled.append(tokens.shape[0]) or prefill(self, tokens, mask))
+                        lambda self, tokens, mask, **kw: prefilled.append(tokens.shape[0]) or prefill(self, tokens, mask, **kw))
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[0]]
     seeds = [row_seed(3, i) for i in range(len(prompts))]
     kw = dict(max_new_tokens=10, stop=["a"], do_sample=True, temperature=1.5)
