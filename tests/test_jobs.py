@@ -102,7 +102,7 @@ def test_saliency_runs_resume_and_a_reused_out_never_mixes_runs(tiny_bridge, tmp
     run = saliency_maps(tiny_bridge, four, out, progress=False)
     assert [r["index"] for r in run.measured] == [0, 1, 2, 3] and (out / "trace0003.npz").exists()
     meta = run.load(0).meta
-    assert meta["dtype"] == "float32" and meta["device"] == "cpu" and meta["mode"] == "dense"
+    assert meta["dtype"] == "float32" and meta["device"] == "cpu" and meta["mode"] == "tiled"  # auto
     assert "torch=" in meta["software"]
     mtime = (out / "results.jsonl").stat().st_mtime_ns
     again = saliency_maps(tiny_bridge, four, out, progress=False)  # the same config resumes: nothing to do

@@ -173,8 +173,8 @@ def add_commands(sub) -> None:
                      help="per attention entry: abs |A x dL/dA| (the paper), signed A x dL/dA, grad |dL/dA|")
     sal.add_argument("--pool", choices=SALIENCY_POOLS, default="mean")
     sal.add_argument("--mode", choices=MODES, default="auto",
-                     help="auto: tiled above 1536 tokens where the model allows it, else dense where it fits in memory, "
-                          "else tiled or bounded")
+                     help="auto: tiled where the model allows it (without activation checkpointing where the "
+                          "activations fit in memory), else dense where it fits in memory, else bounded")
     sal.add_argument("--split", choices=SPLIT_CHOICES, default="blank_lines",
                      help="how the thinking is cut into steps (default blank_lines; sentences_min15: sentences, one under 15 characters "
                           "joined to the next, as the authors do)")

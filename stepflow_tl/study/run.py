@@ -180,8 +180,8 @@ def evaluate(
         results_path: JSONL file to stream to and resume from (required with several
             processes).
         progress: a tqdm bar on the main process.
-        saliency: ``True``: Step-Saliency (``mode="auto"``: tiled above 1,536 tokens where
-            the model's attention allows it, else dense where it fits in memory, see
+        saliency: ``True``: Step-Saliency (``mode="auto"``: tiled where the model's
+            attention allows it, else dense where it fits in memory, see
             `saliency.compute.auto_mode`) of every generated trace;
             an int k: of at most k correct and k incorrect traces per condition (per
             process under accelerate); maps are saved next to ``results_path``

@@ -8,8 +8,11 @@ transformers: in KV-cached decoding, where a step is a few milliseconds of matri
 products, that Python overhead is a quarter of the step.
 
 `bypass_idle_bridges` puts the wrapped module back in its parent for one forward, where
-nothing could tell the difference: no hook on any hook point below the component, no
-torch hook on any module below it, no replaced ``forward``. The choice is made at the
+nothing could tell the difference: no hook on any hook point below the component, no torch
+hook on and no replaced ``forward`` of any bridge component below it. Hooks on the
+transformers modules themselves (a user's, or transformers' own output-capturing hooks,
+which stay on a model once anything asked it for hidden states) fire either way: those
+modules run in both cases. The choice is made at the
 start of every forward of the model, from the hooks present then, so a hook added with
 ``run_with_hooks`` / ``run_with_cache`` / ``model.hooks`` fires as it always does: its
 component stays a bridge. Attention components always stay bridges (they run the
@@ -44,7 +47,7 @@ class _Place:
     parent: torch.nn.Module
     name: str
     bridge: torch.nn.Module
-    watched: List[torch.nn.Module]  # every module below, attention components excluded
+    watched: List[torch.nn.Module]  # the bridge components and hook points below, attention's excluded
     inner: List["_Place"] = field(default_factory=list)
 
     @property
@@ -88,6 +91,7 @@ class bypass_idle_bridges:
         hf = getattr(self.model, "original_model", None)
         if hf is None or "forward" in vars(hf):
             return self  # something else already runs this forward its own way
+        from transformer_lens.hook_points import HookPoint
         from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
         from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
@@ -99,8 +103,8 @@ class bypass_idle_bridges:
                 if not isinstance(child, GeneralizedComponent):
                     found.extend(places(child))
                 elif type(child).__name__ in _PASS_THROUGH and child.original_component is not None:
-                    watched = [m for m in _below(child, AttentionBridge)]
-                    found.append(_Place(module, name, child, watched, places(child.original_component)))
+                    below = [m for m in _below(child, AttentionBridge) if isinstance(m, (GeneralizedComponent, HookPoint))]
+                    found.append(_Place(module, name, child, below, places(child.original_component)))
             return found
 
         self._places = places(hf)
