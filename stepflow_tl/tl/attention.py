@@ -87,16 +87,6 @@ class TileSpec:
         return allowed
 
 
-def _tiles(spec: TileSpec, n_q: int, n_k: int):
-    """``(q0, q1, k0, k1)`` of every tile with at least one allowed pair."""
-    b = spec.block
-    for q0 in range(0, n_q, b):
-        q1 = min(n_q, q0 + b)
-        lo, hi = spec.key_range(q0, q1, n_k)
-        for k0 in range(lo, hi, b):
-            yield q0, q1, k0, min(hi, k0 + b)
-
-
 class TiledAttention(torch.autograd.Function):
     """``z = softmax(scale * q k^T + mask [+ sink column]) v`` without the ``T x T`` matrix.
 
