@@ -412,9 +412,9 @@ def test_random_bridge_same_size_outside_s_and_hits_targets(tiny_model):
     seen = {}
 
     class Spy(RandomBridge):
-        def edit(self, run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos):
-            out = super().edit(run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos)
-            seen["args"] = (scores, s_mask, b_mask, sink, usable)
+        def edit(self, run, layer, scores, groups):
+            out = super().edit(run, layer, scores, groups)
+            seen["args"] = (scores, groups.s_mask, groups.b_mask, groups.sink, groups.usable)
             seen["out"] = out
             return out
 

@@ -499,3 +499,62 @@ def test_watched_layers_inside_fused_attention_give_the_bridges_own_bits(tiny_mo
         inside = _decode_two(tiny_model, hooks)
     assert n == 2 * (n_layers + 1) and len(fired) == 2 * n and not fused_calls
     assert torch.equal(inside[0], own[0]) and torch.equal(inside[1], own[1])
+
+
+def _attention_points(model):
+    return [name for name in model.hook_dict if name.startswith("blocks.1.attn.") and "pattern" not in name
+            and "attn_scores" not in name]
+
+
+def test_every_attention_hook_point_fires_and_edits_in_the_fused_layers(tiny_bridge, fused_calls):
+    """Under `fused_attention` and the bypass (as in `generate`), a hook on any hook point
+    of a fused layer's attention (projections' inputs and outputs, rotary cos/sin and
+    rotated q/k, hook_z, hook_out) fires as often and edits as the bridge's own forward."""
+    from stepflow_tl.tl.attention import fused_attention
+    from stepflow_tl.tl.bypass import bypass_idle_bridges
+
+    tested = []
+    for point in _attention_points(tiny_bridge):
+        fired = []
+
+        def edit(x, hook):
+            fired.append(hook.name)
+            return x * 0.75
+
+        try:
+            own = _decode_two(tiny_bridge, [(point, edit)])
+        except ValueError:
+            continue  # (a hook point TL gates behind a setting, e.g. hook_result)
+        n = len(fired)
+        if not n:
+            continue  # (an alias the bridge's own forward does not fire either)
+        with fused_attention(tiny_bridge), bypass_idle_bridges(tiny_bridge):
+            fast = _decode_two(tiny_bridge, [(point, edit)])
+        assert len(fired) == 2 * n, point
+        tested.append(point)
+        torch.testing.assert_close(fast[0], own[0], rtol=1e-5, atol=1e-5, msg=point)
+        torch.testing.assert_close(fast[1], own[1], rtol=1e-5, atol=1e-5, msg=point)
+    assert len(tested) >= 10 and {"blocks.1.attn.hook_cos", "blocks.1.attn.hook_rot_k", "blocks.1.attn.hook_out"} <= set(tested), tested
+    assert fused_calls  # the layers ran the fused kernel
+
+
+def test_hooks_added_and_removed_between_forwards_are_seen(tiny_bridge):
+    """The choices `fused_attention` and the bypass cache per layer are made again when a
+    hook is added or removed between two forwards of one ``with`` block."""
+    from stepflow_tl.tl.attention import fused_attention
+    from stepflow_tl.tl.bypass import bypass_idle_bridges
+
+    fired = []
+
+    def edit(x, hook):
+        fired.append(hook.name)
+        return x * 0.5
+
+    with fused_attention(tiny_bridge), bypass_idle_bridges(tiny_bridge):
+        plain = _decode_two(tiny_bridge)
+        for point in ("blocks.1.attn.hook_rot_q", "blocks.1.hook_resid_mid", "blocks.0.attn.hook_attn_scores"):
+            fired.clear()
+            hooked = _decode_two(tiny_bridge, [(point, edit)])
+            assert fired, point
+            assert not torch.equal(hooked[1], plain[1]), point
+            assert torch.equal(_decode_two(tiny_bridge)[1], plain[1]), point

@@ -5,6 +5,7 @@ structure they read is `stepflow_tl.interventions.state`."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -182,54 +183,50 @@ class InterventionRun:
         self._records.append((kind, layer, q_start, {k: v.detach() for k, v in tensors.items()}))
 
     def events(self) -> List[InterventionEvent]:
-        """Every (row, layer, query) where the intervention acted. Syncs with the host
-        once per recorded quantity, not once per hook call."""
+        """Every (row, layer, query) where the intervention acted, in the order the hooks
+        ran, rows then queries within one hook call. Consecutive records of one shape (the
+        calls between two changes of the batch) are stacked, so the host syncs once per
+        recorded quantity and shape and the work is vectorised, not looped per hook call."""
         if not self._records:
             return []
         pad = self.state.pad.cpu()
         step_id = self.state.step_id.cpu()
-        keys = sorted({k for _, _, _, rec in self._records for k in rec})
-        flat = {}
-        for k in keys:
-            parts = [rec[k].float().flatten() if k in rec else torch.full((rec["fired"].numel(),), float("nan"),
-                     device=rec["fired"].device) for _, _, _, rec in self._records]
-            flat[k] = torch.cat(parts).cpu()
         out: List[InterventionEvent] = []
-        offset = 0
-        for kind, layer, q_start, rec in self._records:
-            shape = rec["fired"].shape  # [batch, head, q]
-            n = rec["fired"].numel()
-            vals = {k: v[offset:offset + n].reshape(shape) for k, v in flat.items()}
-            offset += n
-            fired = vals["fired"] > 0
-            n_heads = fired.sum(dim=1)  # [batch, q]
-            where = (n_heads > 0).nonzero()  # [event, 2]: (row, query), in row-major order
-            if not where.shape[0]:
-                continue
-            b, q = where[:, 0], where[:, 1]
-            heads = fired[b, :, q]  # [event, head]
-            count = n_heads[b, q].double()
-
-            def mean(key: str) -> List[float]:
-                """Mean over the heads that fired, of each event: summed in fp64 (so
-                the order of the sum does not matter), rounded to fp32 like the
-                recorded values."""
-                v = vals[key][b, :, q].double()
-                return (torch.where(heads, v, torch.zeros_like(v)).sum(-1) / count).float().tolist()
-
-            pos = q + q_start
-            inside = pos < step_id.shape[1]
-            steps = torch.where(inside, step_id[b, pos.clamp_max(step_id.shape[1] - 1)].long(), torch.full_like(pos, -1))
-            columns = {"row": b.tolist(), "position": (pos - pad[b]).tolist(), "step": steps.tolist(),
-                       "n_heads": n_heads[b, q].tolist()}
-            if kind == "attn":
-                columns.update(lambda_b=mean("lambda_b"), lambda_s=mean("lambda_s"), kl=mean("kl"))
-            else:
-                columns["injected_norm"] = mean("norm")
-            names = list(columns)
-            for values in zip(*columns.values()):
-                out.append(InterventionEvent(self.name, layer=layer, **dict(zip(names, values))))
+        for _, run in itertools.groupby(self._records, key=lambda r: (r[0], tuple(r[3]["fired"].shape))):
+            out.extend(self._events_of(list(run), pad, step_id))
         return out
+
+    def _events_of(self, records, pad: torch.Tensor, step_id: torch.Tensor) -> List[InterventionEvent]:
+        """The events of records of one kind and shape ``[batch, head, q]``."""
+        kind = records[0][0]
+        keys = ("lambda_b", "lambda_s", "kl") if kind == "attn" else ("norm",)
+        fired = torch.stack([rec["fired"] for _, _, _, rec in records]).cpu() > 0  # [record, batch, head, q]
+        n_heads = fired.sum(dim=2)  # [record, batch, q]
+        where = (n_heads > 0).nonzero()  # [event, 3]: (record, row, query), in the records' order
+        if not where.shape[0]:
+            return []
+        r, b, q = where.unbind(1)
+        heads = fired[r, b, :, q]  # [event, head]
+        count = n_heads[r, b, q].double()
+
+        def mean(key: str) -> List[float]:
+            """Mean over the heads that fired, of each event: summed in fp64 (so the order
+            of the sum does not matter), rounded to fp32 like the recorded values."""
+            values = torch.stack([rec[key].float() for _, _, _, rec in records]).cpu()[r, b, :, q].double()
+            return (torch.where(heads, values, torch.zeros_like(values)).sum(-1) / count).float().tolist()
+
+        layer = torch.tensor([layer for _, layer, _, _ in records])[r]
+        pos = q + torch.tensor([q_start for _, _, q_start, _ in records])[r]
+        inside = pos < step_id.shape[1]
+        steps = torch.where(inside, step_id[b, pos.clamp_max(step_id.shape[1] - 1)].long(), torch.full_like(pos, -1))
+        columns = {"layer": layer.tolist(), "row": b.tolist(), "position": (pos - pad[b]).tolist(),
+                   "step": steps.tolist(), "n_heads": count.long().tolist()}
+        if kind == "attn":
+            columns.update(lambda_b=mean("lambda_b"), lambda_s=mean("lambda_s"), kl=mean("kl"))
+        else:
+            columns["injected_norm"] = mean("norm")
+        names = list(columns)
+        return [InterventionEvent(self.name, **dict(zip(names, values))) for values in zip(*columns.values())]
 
     def take_events(self, rows: Sequence[int]) -> List[InterventionEvent]:
         """`events` with batch row ``b`` reported as ``rows[b]``, then forgets them: called

@@ -40,20 +40,78 @@ class OddsEqualEdit:
     tau_s: torch.Tensor
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class BridgeGroups:
+    """OEB's key groups for a set of queries, built once and applied to the scores of
+    every head and layer that sees those queries (`odds_equal_edit`'s work that does not
+    depend on the scores).
+
+    ``[...]`` are the masks' query dimensions (``[batch, 1, query]`` in a model: every
+    head shares them), broadcastable against the scores' ``[batch, head, query]``.
+    """
+
+    member: torch.Tensor  # [..., k, 3] fp32 one-hot: B, S, O (the other non-sink keys); sinks all 0
+    column: torch.Tensor  # [..., k] int64: 0 B, 1 S, 2 any other key (O, sinks, masked keys)
+    tau_b: torch.Tensor  # [...] sqrt(n_B / (n_B + n_S)) capped at tau_max (paper Eq. 6)
+    may_fire: torch.Tensor  # [...] bool: B and S are non-empty and the query is active
+
+    @classmethod
+    def build(cls, s_mask: torch.Tensor, b_mask: torch.Tensor, sink_mask: torch.Tensor, tau_max: float,
+              active: Optional[torch.Tensor] = None) -> "BridgeGroups":
+        """From bool masks ``[..., k]`` (broadcastable; S and B exclude sinks and masked
+        keys) and ``active [...]``, the queries that may fire."""
+        b_mask, s_mask, sink_mask = torch.broadcast_tensors(b_mask, s_mask, sink_mask)
+        other = ~(sink_mask | s_mask | b_mask)
+        member = torch.stack([b_mask, s_mask, other], dim=-1).float()
+        column = torch.where(b_mask, 0, torch.where(s_mask, 1, 2))
+        n_b, n_s = b_mask.sum(-1).float(), s_mask.sum(-1).float()
+        tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1.0)).clamp_max(tau_max)
+        may_fire = (n_b > 0) & (n_s > 0)
+        if active is not None:
+            may_fire = may_fire & active
+        return cls(member, column, tau_b, may_fire)
+
+    def masses(self, scores: torch.Tensor):
+        """fp32 softmax of ``scores [..., k]`` and the non-sink mass ``Z [...]``, with the
+        group masses renormalised by it, ``[..., 3]`` (B, S, O)."""
+        p = torch.softmax(scores.float(), dim=-1)
+        # one contraction gives the three group sums (heads broadcast, never copied)
+        mass = torch.einsum("...k,...kc->...c", p, self.member)
+        z = mass.sum(-1)
+        return p, z, mass / z.clamp_min(_TINY)[..., None]
+
+    def edit(self, scores: torch.Tensor, eps: float = 1e-6) -> "OddsEqualEdit":
+        """`odds_equal_edit` of ``scores [..., k]`` with these groups."""
+        _, z, shares = self.masses(scores)
+        p_b, p_s, p_o = shares.unbind(-1)
+        rest = 1.0 - p_o
+        tau_b = torch.minimum(self.tau_b, rest - eps)
+        tau_s = rest - tau_b
+        # (p_b > 0 and p_b < tau_b imply tau_b > 0)
+        fired = self.may_fire & (torch.minimum(p_b, p_s) > 0) & (p_b < tau_b)
+        # O's target is its own share, so its lambda is log(1) = 0 exactly
+        target = torch.stack([tau_b, tau_s, p_o], dim=-1)
+        lam = torch.where(fired[..., None], torch.log(target.clamp_min(_TINY) / shares.clamp_min(_TINY)), 0.0)
+        # Each key gets its group's lambda: exactly 0 on O, sinks, masked keys and queries
+        # that did not fire, whose logits are therefore kept bit for bit.
+        delta = lam.gather(-1, self.column.expand(*scores.shape[:-1], -1))
+        new = (scores.float() + delta).to(scores.dtype)
+        kl = z * (target * lam).sum(-1)
+        lambda_b, lambda_s, _ = lam.unbind(-1)
+        return OddsEqualEdit(new, fired, lambda_b, lambda_s, kl, tau_b, tau_s)
+
+
 def group_masses(scores: torch.Tensor, s_mask: torch.Tensor, b_mask: torch.Tensor, sink_mask: torch.Tensor):
     """fp32 softmax and the renormalised non-sink masses of S, B and O.
 
     Returns ``(p [..., k], Z, pS, pB, pO)`` where ``Z`` is the non-sink mass and the
     group masses are divided by ``Z``.
     """
-    p = torch.softmax(scores.float(), dim=-1)
-    nonsink = ~sink_mask
-    z = (p * nonsink).sum(-1)
-    safe_z = z.clamp_min(torch.finfo(torch.float32).tiny)
-    p_s = (p * s_mask).sum(-1) / safe_z
-    p_b = (p * b_mask).sum(-1) / safe_z
-    o_mask = nonsink & ~s_mask & ~b_mask
-    p_o = (p * o_mask).sum(-1) / safe_z
+    p, z, shares = BridgeGroups.build(s_mask, b_mask, sink_mask, 1.0).masses(scores)
+    p_b, p_s, p_o = shares.unbind(-1)
     return p, z, p_s, p_b, p_o
 
 
@@ -85,26 +143,7 @@ def odds_equal_edit(
     The edit is computed in fp32 and cast back once, so in bf16/fp16 the only error is
     the final rounding of the edited logits.
     """
-    _, z, p_s, p_b, p_o = group_masses(scores, s_mask, b_mask, sink_mask)
-    n_s = s_mask.sum(-1).float()
-    n_b = b_mask.sum(-1).float()
-    shape = p_s.shape
-    n_s, n_b = n_s.expand(shape), n_b.expand(shape)
-    tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1.0)).clamp_max(tau_max)
-    tau_b = torch.minimum(tau_b, 1.0 - p_o - eps)
-    tau_s = 1.0 - p_o - tau_b
-    fired = (n_b > 0) & (n_s > 0) & (p_b > 0) & (p_s > 0) & (tau_b > 0) & (p_b < tau_b)
-    if active is not None:
-        fired = fired & active
-    tiny = torch.finfo(torch.float32).tiny
-    lambda_b = torch.where(fired, torch.log(tau_b.clamp_min(tiny) / p_b.clamp_min(tiny)), torch.zeros_like(p_b))
-    lambda_s = torch.where(fired, torch.log(tau_s.clamp_min(tiny) / p_s.clamp_min(tiny)), torch.zeros_like(p_s))
-    delta = lambda_b[..., None] * b_mask + lambda_s[..., None] * s_mask
-    new = (scores.float() + delta).to(scores.dtype)
-    # Keys outside B and S (O, sinks, masked) keep their exact logits, also in bf16.
-    new = torch.where((b_mask | s_mask) & fired[..., None], new, scores)
-    kl = torch.where(fired, z * (tau_b * lambda_b + tau_s * lambda_s), torch.zeros_like(p_b))
-    return OddsEqualEdit(new, fired, lambda_b, lambda_s, kl, tau_b, tau_s)
+    return BridgeGroups.build(s_mask, b_mask, sink_mask, tau_max, active).edit(scores, eps)
 
 
 def _kl_new_old(scores32: torch.Tensor, new32: torch.Tensor) -> torch.Tensor:
@@ -145,6 +184,20 @@ def matched_noise_scale(
 
 
 # --------------------------------------------------------------------------- attention interventions
+@dataclass
+class QueryGroups:
+    """What an attention intervention derives from a `StepState` for its queries, once per
+    forward (the layers share it)."""
+
+    s_mask: Bool[torch.Tensor, "batch 1 query key"]  # the query's current segment (S)
+    b_mask: Bool[torch.Tensor, "batch 1 query key"]  # its bridge segment (B)
+    sink: Bool[torch.Tensor, "batch 1 1 key"]
+    usable: Bool[torch.Tensor, "batch 1 query key"]  # real, causal, non-sink keys
+    active: Bool[torch.Tensor, "batch 1 query"]  # queries that may be edited
+    q_pos: Int[torch.Tensor, "query"]
+    bridge: Optional[BridgeGroups] = None  # the groups the edit uses (`bridge_groups`)
+
+
 class AttentionIntervention(Intervention):
     """Shared group logic of OEB and its controls on ``hook_attn_scores``."""
 
@@ -183,13 +236,11 @@ class AttentionIntervention(Intervention):
         if run.state.phase == "prefill" and not self.during_prefill:
             return scores
         q_len, k_len = scores.shape[-2], scores.shape[-1]
-        s_mask, b_mask, sink, usable, active, q_pos = groups.get(
-            run.state, (q_len, k_len), lambda: self.groups(run, q_len, k_len)
-        )
-        return self.edit(run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos)
+        return self.edit(run, layer, scores, groups.get(run.state, (q_len, k_len),
+                                                        lambda: self.groups(run, q_len, k_len)))
 
-    def groups(self, run: InterventionRun, q_len: int, k_len: int):
-        """Masks ``[batch, 1, q, k]`` of S, B, sinks and valid keys, ``active [batch, 1, q]``."""
+    def groups(self, run: InterventionRun, q_len: int, k_len: int) -> QueryGroups:
+        """The key groups of the state's last ``q_len`` queries over ``k_len`` keys."""
         st = run.state
         bridge_of = torch.tensor(BRIDGE_OF, dtype=torch.int8, device=st.device)
         sinks = torch.tensor(self.sink_positions or (-1,), dtype=torch.int64, device=st.device)
@@ -213,7 +264,14 @@ class AttentionIntervention(Intervention):
         active = torch.ones_like(cur, dtype=torch.bool)
         if not self.during_prefill:
             active = ~st.prefill[:, k_len - q_len:]
-        return s_mask[:, None], b_mask[:, None], sink[:, None, None, :], usable[:, None], active[:, None], q_pos
+        groups = QueryGroups(s_mask[:, None], b_mask[:, None], sink[:, None, None, :], usable[:, None],
+                             active[:, None], q_pos)
+        groups.bridge = self.bridge_groups(run, groups)
+        return groups
+
+    def bridge_groups(self, run: InterventionRun, groups: QueryGroups) -> BridgeGroups:
+        """The groups the edit moves mass between (OEB's S and B)."""
+        return BridgeGroups.build(groups.s_mask, groups.b_mask, groups.sink, self.tau_max, groups.active)
 
     def _hook(self, run, layer, groups: PerStateCache):
         def hook(scores, hook):
@@ -221,8 +279,14 @@ class AttentionIntervention(Intervention):
 
         return hook
 
-    def edit(self, run, layer, scores, s_mask, b_mask, sink, usable, active, q_pos):
-        raise NotImplementedError
+    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"],
+             groups: QueryGroups) -> Float[torch.Tensor, "batch head query key"]:
+        """The edited scores of one layer: the odds-equal edit between the groups of
+        `bridge_groups`, recorded."""
+        res = groups.bridge.edit(scores)
+        run.record("attn", layer, scores.shape[-1] - scores.shape[-2],
+                   fired=res.fired, lambda_b=res.lambda_b, lambda_s=res.lambda_s, kl=res.kl)
+        return res.scores
 
 
 class OddsEqualBridge(AttentionIntervention):
@@ -239,12 +303,6 @@ class OddsEqualBridge(AttentionIntervention):
 
     name = "oeb"
 
-    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"], s_mask: Bool[torch.Tensor, "batch 1 query key"], b_mask: Bool[torch.Tensor, "batch 1 query key"], sink: Bool[torch.Tensor, "batch 1 1 key"], usable: Bool[torch.Tensor, "batch 1 query key"], active: Bool[torch.Tensor, "batch 1 query"], q_pos: Int[torch.Tensor, "query"]):
-        res = odds_equal_edit(scores, s_mask, b_mask, sink, self.tau_max, active=active)
-        run.record("attn", layer, scores.shape[-1] - scores.shape[-2],
-                   fired=res.fired, lambda_b=res.lambda_b, lambda_s=res.lambda_s, kl=res.kl)
-        return res.scores
-
 
 class RandomBridge(AttentionIntervention):
     """Control: OEB's mechanics and targets with B replaced, per query, by a random
@@ -252,21 +310,18 @@ class RandomBridge(AttentionIntervention):
 
     name = "random_bridge"
 
-    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"], s_mask: Bool[torch.Tensor, "batch 1 query key"], b_mask: Bool[torch.Tensor, "batch 1 query key"], sink: Bool[torch.Tensor, "batch 1 1 key"], usable: Bool[torch.Tensor, "batch 1 query key"], active: Bool[torch.Tensor, "batch 1 query"], q_pos: Int[torch.Tensor, "query"]):
+    def bridge_groups(self, run: InterventionRun, groups: QueryGroups) -> BridgeGroups:
         st = run.state
-        k_len = scores.shape[-1]
-        k_pos = torch.arange(k_len, device=scores.device)
-        u = hash_uniform(torch.tensor(self.seed, device=scores.device), st.row_seed[:, None, None],
-                         (q_pos - st.pad[:, None])[:, :, None], (k_pos[None, :] - st.pad[:, None])[:, None, :])
-        candidates = usable[:, 0] & ~s_mask[:, 0]  # [b, q, k]
+        dev = st.device
+        k_pos = torch.arange(st.n_pos, device=dev)
+        u = hash_uniform(torch.tensor(self.seed, device=dev), st.row_seed[:, None, None],
+                         (groups.q_pos - st.pad[:, None])[:, :, None], (k_pos[None, :] - st.pad[:, None])[:, None, :])
+        candidates = groups.usable[:, 0] & ~groups.s_mask[:, 0]  # [b, q, k]
         u = torch.where(candidates, u, torch.full_like(u, 2.0))
         rank = u.argsort(dim=-1).argsort(dim=-1)
-        n_b = b_mask[:, 0].sum(-1, keepdim=True)
+        n_b = groups.b_mask[:, 0].sum(-1, keepdim=True)
         random_b = (rank < n_b) & candidates
-        res = odds_equal_edit(scores, s_mask, random_b[:, None], sink, self.tau_max, active=active)
-        run.record("attn", layer, scores.shape[-1] - scores.shape[-2],
-                   fired=res.fired, lambda_b=res.lambda_b, lambda_s=res.lambda_s, kl=res.kl)
-        return res.scores
+        return BridgeGroups.build(groups.s_mask, random_b[:, None], groups.sink, self.tau_max, groups.active)
 
 
 class MatchedLogitNoise(AttentionIntervention):
@@ -280,15 +335,17 @@ class MatchedLogitNoise(AttentionIntervention):
         super().__init__(*args, **kwargs)
         self.n_steps = check_int("MatchedLogitNoise: n_steps", n_steps, low=1)
 
-    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"], s_mask: Bool[torch.Tensor, "batch 1 query key"], b_mask: Bool[torch.Tensor, "batch 1 query key"], sink: Bool[torch.Tensor, "batch 1 1 key"], usable: Bool[torch.Tensor, "batch 1 query key"], active: Bool[torch.Tensor, "batch 1 query"], q_pos: Int[torch.Tensor, "query"]):
+    def edit(self, run: InterventionRun, layer: int, scores: Float[torch.Tensor, "batch head query key"],
+             groups: QueryGroups) -> Float[torch.Tensor, "batch head query key"]:
         st = run.state
-        oeb = odds_equal_edit(scores, s_mask, b_mask, sink, self.tau_max, active=active)
+        oeb = groups.bridge.edit(scores)
+        usable = groups.usable
         b, h, q, k = scores.shape
         dev = scores.device
         noise = hash_normal(
             torch.tensor(self.seed, device=dev), st.row_seed[:, None, None, None],
             torch.tensor(layer, device=dev), torch.arange(h, device=dev)[None, :, None, None],
-            (q_pos - st.pad[:, None])[:, None, :, None], (torch.arange(k, device=dev)[None, :] - st.pad[:, None])[:, None, None, :],
+            (groups.q_pos - st.pad[:, None])[:, None, :, None], (torch.arange(k, device=dev)[None, :] - st.pad[:, None])[:, None, None, :],
         )
         noise = noise * usable
         scores32 = scores.float()

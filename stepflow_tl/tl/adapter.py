@@ -336,10 +336,14 @@ def _attention_sees_cache(bridge):
     From transformers 5.24 on, decoder layers hand the cache to their attention module
     as ``cache=``; TransformerLens 4.3's attention bridges, which replace those modules,
     read only ``past_key_values=`` and otherwise skip the cache update, so every decode
-    step would attend to itself alone. A forward pre-hook adds the old keyword.
+    step would attend to itself alone. A forward pre-hook adds the old keyword, except on
+    attention whose replaced ``forward`` says it does that itself (``aliases_cache``: the
+    plugin's fused attention, `tl.attention.fused_attention`), which so runs without
+    hooks (hooks added and removed at every step would also defeat `tl.bypass.HookCensus`).
     """
     handles = [block.attn.register_forward_pre_hook(_alias_cache_keyword, with_kwargs=True)
-               for block in bridge.blocks]
+               for block in bridge.blocks
+               if not getattr(vars(block.attn).get("forward"), "aliases_cache", False)]
     try:
         yield
     finally:
@@ -347,10 +351,17 @@ def _attention_sees_cache(bridge):
             handle.remove()
 
 
-def _alias_cache_keyword(module, args, kwargs):
+def with_cache_alias(kwargs: dict) -> dict:
+    """An attention layer's keyword arguments with the KV cache also under
+    ``past_key_values`` where transformers passed it as ``cache`` (`_attention_sees_cache`)."""
     if kwargs.get("cache") is not None and "past_key_values" not in kwargs:
-        return args, {**kwargs, "past_key_values": kwargs["cache"]}
-    return None
+        return {**kwargs, "past_key_values": kwargs["cache"]}
+    return kwargs
+
+
+def _alias_cache_keyword(module, args, kwargs):
+    aliased = with_cache_alias(kwargs)
+    return None if aliased is kwargs else (args, aliased)
 
 
 def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> Tuple[

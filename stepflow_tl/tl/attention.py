@@ -36,8 +36,8 @@ from torch.autograd.function import FunctionCtx
 
 from ..checks import check_int
 from ..errors import StepflowError
-from .adapter import TLModel, adapter
-from .bypass import watched
+from .adapter import TLModel, adapter, with_cache_alias
+from .bypass import HookCensus, watched
 
 TileFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]
 
@@ -632,10 +632,12 @@ def pattern_is_read(attn) -> bool:
 def _fused_heads(q, k, v, mask, scale):
     """``softmax(scale q k^T + mask) v`` by torch's fused kernel, ``q [batch, head, q, d]``,
     ``k``, ``v [batch, kv_head, k, d]``; ``mask`` is boolean (True: attend) or additive.
-    A query row with no visible key gives 0, as the explicit paths' NaN scrub does."""
+    A query row with no visible key gives 0, as the explicit paths' NaN scrub does (such
+    rows are the padding queries of a prefill; a single decoded token sees at least
+    itself, so a decoding step skips the scrub)."""
     z = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    return torch.nan_to_num(z, nan=0.0)
+    return torch.nan_to_num(z, nan=0.0) if q.shape[-2] > 1 else z
 
 
 def _bridge_fused_forward(attn, layer: int):
@@ -644,32 +646,132 @@ def _bridge_fused_forward(attn, layer: int):
     The bridge receives transformers' eager mask: ``[batch, 1, q, k]`` additive, causal
     (and sliding-window) rules included, which the fused kernel takes as it is; any other
     mask runs the bridge's own forward. A layer whose scores or pattern a hook reads runs
-    `_bridge_explicit_heads` (TL 4.x; TL 3.9's bridge runs its own forward)."""
+    `_bridge_explicit_heads` (TL 4.x; TL 3.9's bridge runs its own forward). The rest runs
+    as `_AttentionPlan`; both choices are made again only when the layer's hooks change
+    (`HookCensus`)."""
     explicit = type(attn).forward
     hf = attn.original_component
     scale = getattr(hf, "scaling", hf.head_dim ** -0.5)
     own_explicit = hasattr(attn, "_masked_softmax")
+    census = HookCensus(_AttentionPlan.consulted(attn))
+    plan: dict = {"key": None, "plan": None, "read": None}
 
     def forward(*args, **kwargs):
+        kwargs = with_cache_alias(kwargs)
         mask = kwargs.get("attention_mask")
-        read = pattern_is_read(attn)
+        key = census.key()
+        if key != plan["key"]:
+            plan["plan"], plan["read"], plan["key"] = _AttentionPlan.of(attn), pattern_is_read(attn), key
+        planned, read = plan["plan"], plan["read"]
         if mask is None or mask.ndim != 4 or (read and not own_explicit):
             return explicit(attn, *args, **kwargs)
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
         position_embeddings = kwargs.pop("position_embeddings", None)
         kwargs.pop("attention_mask")
-        q, k, v, input_shape = _bridge_rotated_qkv(attn, layer, hidden, position_embeddings)
+        if planned is not None and planned.takes(position_embeddings):
+            q, k, v, input_shape = planned.rotated_qkv(hidden, position_embeddings)
+        else:
+            planned = None
+            q, k, v, input_shape = _bridge_rotated_qkv(attn, layer, hidden, position_embeddings)
         k, v = attn._update_kv_cache(k, v, **kwargs)
         if read:
             z, pattern = _bridge_explicit_heads(attn, q, k, v, mask, scale)
-            return _bridge_output(attn, z, input_shape)[0], pattern
-        mask = mask[..., : k.shape[-2]]
-        if mask.shape[-2] != q.shape[-2]:
-            mask = mask[..., -q.shape[-2]:, :]
-        z = _fused_heads(q, k, v, mask.to(q.dtype) if mask.is_floating_point() else mask, scale)
-        return _bridge_output(attn, z, input_shape)
+        else:
+            mask = mask[..., : k.shape[-2]]
+            if mask.shape[-2] != q.shape[-2]:
+                mask = mask[..., -q.shape[-2]:, :]
+            z, pattern = _fused_heads(q, k, v, mask.to(q.dtype) if mask.is_floating_point() else mask, scale), None
+        out = planned.output(z, input_shape) if planned is not None else _bridge_output(attn, z, input_shape)[0]
+        return out, pattern
 
+    forward.aliases_cache = True
     return forward
+
+
+class _AttentionPlan:
+    """`_bridge_rotated_qkv` and `_bridge_output` with every choice they make per call
+    (fire a hook point or skip it, call a linear bridge or the ``nn.Linear`` it wraps)
+    made once from the hooks present: the same operations, on modules held directly,
+    without asking every hook point and bridge attribute at every call. Rebuilt whenever
+    the layer's hooks change (`HookCensus`); the scores and pattern are
+    `_bridge_explicit_heads`' business."""
+
+    def __init__(self, attn, linears):
+        self.linears = linears
+        # a linear bridge with no hook on it or its hook points computes its nn.Linear
+        self.direct = [not any(watched(m) for m in (linear, linear.hook_in, linear.hook_out, linear.original_component))
+                       for linear in linears]
+        self.q, self.k, self.v, self.o = (linear.original_component if direct else linear
+                                          for linear, direct in zip(linears, self.direct))
+        self.hook_in, self.hook_rot_q, self.hook_rot_k, self.hook_out = (
+            point if point is not None and watched(point) else None
+            for point in (attn.hook_in, getattr(attn, "hook_rot_q", None), getattr(attn, "hook_rot_k", None),
+                          attn.hook_out))
+        self.rotary_hooks = attn._apply_position_embedding_hooks if (
+            watched(attn.hook_cos) or watched(attn.hook_sin)) else None
+        self.head_dim = attn.original_component.head_dim
+        o_weight = getattr(linears[3].original_component, "weight", None)
+        self.o_dtype = o_weight.dtype if isinstance(o_weight, torch.Tensor) and o_weight.dtype.is_floating_point else None
+
+    @classmethod
+    def of(cls, attn) -> Optional["_AttentionPlan"]:
+        """The plan of ``attn``, or None where `_bridge_rotated_qkv` does more than it
+        (QK-norms, other projections)."""
+        linears = [getattr(attn, name, None) for name in ("q", "k", "v", "o")]
+        if (any(type(linear).__name__ != "LinearBridge" for linear in linears)
+                or "q_norm" in attn.submodules or "k_norm" in attn.submodules
+                or not all(hasattr(attn, name) for name in ("hook_in", "hook_out", "hook_cos", "hook_sin"))):
+            return None
+        return cls(attn, linears)
+
+    @staticmethod
+    def consulted(attn) -> list:
+        """The modules whose hooks the plan depends on: every hook point, the linear
+        bridges and what they wrap (the wrapped attention module is never called)."""
+        from transformer_lens.hook_points import HookPoint
+
+        linears = [m for m in attn.modules() if type(m).__name__ == "LinearBridge"]
+        return ([m for m in attn.modules() if isinstance(m, HookPoint)] + linears
+                + [linear.original_component for linear in linears])
+
+    def takes(self, position_embeddings) -> bool:
+        """Whether this call is the plain rotary case (full-width cos and sin, nothing
+        waiting to suppress a linear's ``hook_in``)."""
+        return (isinstance(position_embeddings, tuple) and len(position_embeddings) == 2
+                and position_embeddings[0].shape[-1] == self.head_dim
+                and not any(linear._suppress_next_hook_in for linear in self.linears))
+
+    def rotated_qkv(self, hidden, position_embeddings):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if self.hook_in is not None:
+            hidden = self.hook_in(hidden)
+        input_shape = hidden.shape[:-1]
+        shape = (*input_shape, -1, self.head_dim)
+        q = self.q(hidden).view(shape).transpose(1, 2)
+        k = self.k(hidden).view(shape).transpose(1, 2)
+        v = self.v(hidden).view(shape).transpose(1, 2)
+        for linear, direct in zip(self.linears[:3], self.direct):
+            if direct:  # as the bridge's forward records it
+                object.__setattr__(linear, "_fired_hook_out", True)
+        if self.rotary_hooks is not None:
+            position_embeddings = self.rotary_hooks(position_embeddings)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.hook_rot_q is not None:
+            q = self.hook_rot_q(q)
+        if self.hook_rot_k is not None:
+            k = self.hook_rot_k(k)
+        return q, k, v, input_shape
+
+    def output(self, z, input_shape):
+        z = z.transpose(1, 2).reshape(*input_shape, -1)
+        if self.o_dtype is not None and z.dtype != self.o_dtype:
+            z = z.to(self.o_dtype)
+        if self.direct[3]:
+            object.__setattr__(self.linears[3], "_fired_hook_out", True)
+        out = self.o(z)
+        return self.hook_out(out) if self.hook_out is not None else out
 
 
 def _bridge_explicit_heads(attn, q, k, v, mask, scale):

@@ -26,10 +26,13 @@ than its wrapped module) or while a global torch module hook is installed.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Iterable, List, Tuple
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .adapter import TLModel, adapter
 
@@ -55,14 +58,39 @@ class _Place:
         return type(self.bridge).__name__ == "BlockBridge"
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+class HookCensus:
+    """Tells, in a few microseconds, whether the torch hooks and replaced ``forward``s of
+    a fixed set of modules may have changed since the last look, so a decision taken from
+    them (which bridges are idle) is taken again only then, not at every decoding step.
+
+    torch numbers every hook handle from one process-wide counter
+    (``RemovableHandle.next_id``): while it stands still no hook was added anywhere, and a
+    removal shortens a hook dict. So the key (the counter, the number of hooks on the
+    modules, which modules have a replaced ``forward``) is unchanged only if the hooks and
+    forwards are the same.
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module]):
+        modules = list({id(m): m for m in modules}.values())
+        self._hooks = [getattr(m, name) for m in modules for name in _HOOK_DICTS]
+        self._dicts = [m.__dict__ for m in modules]
+
+    def key(self) -> tuple:
+        return (RemovableHandle.next_id, sum(map(len, self._hooks)),
+                tuple(map(operator.contains, self._dicts, itertools.repeat("forward"))))
+
+
 def watched(module: torch.nn.Module, ignore: frozenset = frozenset()) -> bool:
     """Whether anything besides ``module``'s own ``forward`` runs when it is called: a torch
     hook (other than those whose ids are in ``ignore``; TL's hook points keep their hooks
     there too) or a replaced ``forward``."""
     if "forward" in module.__dict__:
         return True
-    for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-                  module._backward_pre_hooks):
+    for name in _HOOK_DICTS:
+        hooks = getattr(module, name)
         if hooks and any(key not in ignore for key in hooks):
             return True
     return False
@@ -109,18 +137,25 @@ class bypass_idle_bridges:
 
         self._places = places(hf)
         self._blocks = [p.bridge for p in _walk(self._places) if p.is_block]
+        census = HookCensus(m for p in _walk(self._places) for m in (p.bridge, *p.watched))
+        plan: dict = {"key": None, "swaps": []}
         self._hf = hf
         explicit = type(hf).forward
 
         @functools.wraps(explicit)  # keeps the signature, which callers inspect for the cache keyword
         def forward(*args, **kwargs):
-            swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []
+            swaps: List[Tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]] = []
             try:
                 if self._may_bypass():
-                    self._swap(self._places, swapped)
+                    key = census.key()
+                    if key != plan["key"]:
+                        plan["swaps"], plan["key"] = self._idle(self._places), key
+                    swaps = plan["swaps"]
+                    for parent, name, _, original in swaps:
+                        parent._modules[name] = original
                 return explicit(hf, *args, **kwargs)
             finally:
-                for parent, name, bridge in reversed(swapped):
+                for parent, name, bridge, _ in reversed(swaps):
                     parent._modules[name] = bridge
 
         vars(hf)["forward"] = forward
@@ -142,18 +177,20 @@ class bypass_idle_bridges:
         return not any(getattr(b, "_stop_at_layer_idx", None) is not None
                        or getattr(b, "_start_at_layer_idx", None) is not None for b in self._blocks)
 
-    def _swap(self, places: List[_Place], swapped: list, inside_idle: bool = False) -> None:
+    def _idle(self, places: List[_Place], inside_idle: bool = False) -> list:
+        """``(parent, name, bridge, wrapped module)`` of every bridge component to bypass."""
+        swaps = []
         for place in places:
             block_hooks = _capture_hook_ids(place.bridge) if place.is_block else frozenset()
             idle = inside_idle or not any(watched(m, block_hooks) for m in place.watched if _maybe_watched(m))
             if idle:
-                place.parent._modules[place.name] = place.bridge.original_component
-                swapped.append((place.parent, place.name, place.bridge))
-                self._swap(place.inner, swapped, inside_idle=True)
+                swaps.append((place.parent, place.name, place.bridge, place.bridge.original_component))
+                swaps.extend(self._idle(place.inner, inside_idle=True))
             elif place.is_block:
                 # Inside a watched block, only children no hook touches at all (TL's own
                 # capture hooks on the norms included) leave.
-                self._swap([p for p in place.inner if not watched(p.bridge)], swapped)
+                swaps.extend(self._idle([p for p in place.inner if not watched(p.bridge)]))
+        return swaps
 
 
 def _maybe_watched(module: torch.nn.Module) -> bool:
