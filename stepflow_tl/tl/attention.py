@@ -465,12 +465,17 @@ def _project(linear, x: torch.Tensor) -> torch.Tensor:
     """A bridge's linear map of ``x``: its wrapped ``nn.Linear`` called directly where
     neither it nor its hook points (``hook_in``, ``hook_out``) are watched, as the
     bridge's own forward would compute it (and records, in ``_fired_hook_out``)."""
-    if (type(linear).__name__ != "LinearBridge" or linear._suppress_next_hook_in or watched(linear)
-            or watched(linear.hook_in) or watched(linear.hook_out) or watched(linear.original_component)):
+    if type(linear).__name__ != "LinearBridge" or linear._suppress_next_hook_in or not _idle_linear(linear):
         return linear(x)
     out = linear.original_component(x)
     object.__setattr__(linear, "_fired_hook_out", True)
     return out
+
+
+def _idle_linear(linear) -> bool:
+    """Whether a linear bridge computes just its ``nn.Linear``: nothing watches it, its hook
+    points or the module it wraps."""
+    return not any(watched(m) for m in (linear, linear.hook_in, linear.hook_out, linear.original_component))
 
 
 def _bridge_output(attn, z, input_shape):
@@ -698,9 +703,7 @@ class _AttentionPlan:
 
     def __init__(self, attn, linears):
         self.linears = linears
-        # a linear bridge with no hook on it or its hook points computes its nn.Linear
-        self.direct = [not any(watched(m) for m in (linear, linear.hook_in, linear.hook_out, linear.original_component))
-                       for linear in linears]
+        self.direct = [_idle_linear(linear) for linear in linears]
         self.q, self.k, self.v, self.o = (linear.original_component if direct else linear
                                           for linear, direct in zip(linears, self.direct))
         self.hook_in, self.hook_rot_q, self.hook_rot_k, self.hook_out = (
