@@ -558,3 +558,39 @@ def test_hooks_added_and_removed_between_forwards_are_seen(tiny_bridge):
             assert fired, point
             assert not torch.equal(hooked[1], plain[1]), point
             assert torch.equal(_decode_two(tiny_bridge)[1], plain[1]), point
+
+
+def test_hook_census_key_changes_with_every_hook_and_forward_change():
+    """`HookCensus`'s key moves with every hook added or removed on its modules (also on
+    a module that held no hook when it last counted, and for hooks present before it was
+    made) and with every replaced ``forward``, and stands still otherwise."""
+    from stepflow_tl.tl.bypass import HookCensus
+
+    a, b, outside = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    early = a.register_forward_hook(lambda *args: None)
+    census = HookCensus([a, b, a])
+    keys = [census.key()]
+
+    def moved() -> bool:
+        keys.append(census.key())
+        return keys[-1] != keys[-2]
+
+    assert not moved()
+    early.remove()
+    assert moved()
+    pre = b.register_forward_pre_hook(lambda *args: None)
+    assert moved()
+    assert not moved()
+    pre.remove()
+    assert moved()
+    outside.register_forward_hook(lambda *args: None)  # the counter moves, the hooks do not
+    keys.append(census.key())
+    assert not moved()
+    backward = a.register_full_backward_hook(lambda *args: None)
+    assert moved()
+    backward.remove()
+    assert moved()
+    vars(b)["forward"] = lambda x: x
+    assert moved()
+    del vars(b)["forward"]
+    assert moved()

@@ -29,7 +29,7 @@ import functools
 import itertools
 import operator
 from dataclasses import dataclass, field
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -71,15 +71,26 @@ class HookCensus:
     removal shortens a hook dict. So the key (the counter, the number of hooks on the
     modules, which modules have a replaced ``forward``) is unchanged only if the hooks and
     forwards are the same.
+
+    The hooks are counted only in the dicts that held hooks when the counter last moved:
+    the others cannot have lost one without a hook being added first. A decoding step
+    then touches a handful of dicts instead of four per module, which matters because
+    after the step's matrix products they are all out of the CPU's caches (counting all
+    of them cost ~1 ms of a 55 ms SmolLM2 step).
     """
 
     def __init__(self, modules: Iterable[torch.nn.Module]):
         modules = list({id(m): m for m in modules}.values())
         self._hooks = [getattr(m, name) for m in modules for name in _HOOK_DICTS]
         self._dicts = [m.__dict__ for m in modules]
+        self._counted_at: Optional[int] = None
+        self._hooked: list = []
 
     def key(self) -> tuple:
-        return (RemovableHandle.next_id, sum(map(len, self._hooks)),
+        counter = RemovableHandle.next_id
+        if counter != self._counted_at:
+            self._hooked, self._counted_at = [hooks for hooks in self._hooks if hooks], counter
+        return (counter, sum(map(len, self._hooked)),
                 tuple(map(operator.contains, self._dicts, itertools.repeat("forward"))))
 
 
