@@ -26,6 +26,7 @@ relative biases, QK-norms other than Qwen3's, gates, KV caches, ...) with a
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from typing import Callable, Optional
 
@@ -462,20 +463,32 @@ def _fire(point, x: torch.Tensor) -> torch.Tensor:
 
 
 def _project(linear, x: torch.Tensor) -> torch.Tensor:
-    """A bridge's linear map of ``x``: its wrapped ``nn.Linear`` called directly where
-    neither it nor its hook points (``hook_in``, ``hook_out``) are watched, as the
-    bridge's own forward would compute it (and records, in ``_fired_hook_out``)."""
-    if type(linear).__name__ != "LinearBridge" or linear._suppress_next_hook_in or not _idle_linear(linear):
+    """A bridge's linear map of ``x`` as the bridge's own forward computes it (``hook_in``,
+    the wrapped ``nn.Linear``, ``hook_out``, the record in ``_fired_hook_out``), without
+    the bridge's module call where nothing watches the bridge or its ``nn.Linear``, and
+    without calling the hook points nothing watches."""
+    if type(linear).__name__ != "LinearBridge" or linear._suppress_next_hook_in or not _plain_linear(linear):
         return linear(x)
-    out = linear.original_component(x)
+    out = _fire(linear.hook_out, linear.original_component(_fire(linear.hook_in, x)))
     object.__setattr__(linear, "_fired_hook_out", True)
     return out
 
 
-def _idle_linear(linear) -> bool:
-    """Whether a linear bridge computes just its ``nn.Linear``: nothing watches it, its hook
-    points or the module it wraps."""
-    return not any(watched(m) for m in (linear, linear.hook_in, linear.hook_out, linear.original_component))
+def _plain_linear(linear) -> bool:
+    """Whether calling a linear bridge does no more than its ``forward`` (no torch hook on
+    and no replaced ``forward`` of it or its ``nn.Linear``)."""
+    return not watched(linear) and not watched(linear.original_component)
+
+
+def _linear_call(linear):
+    """What computes a linear bridge's output as its call does: its ``nn.Linear`` alone
+    where no hook point of it is watched either (the caller records ``_fired_hook_out``),
+    `_project` where one is, else the bridge."""
+    if not _plain_linear(linear):
+        return linear
+    if not watched(linear.hook_in) and not watched(linear.hook_out):
+        return linear.original_component
+    return functools.partial(_project, linear)
 
 
 def _bridge_output(attn, z, input_shape):
@@ -703,9 +716,9 @@ class _AttentionPlan:
 
     def __init__(self, attn, linears):
         self.linears = linears
-        self.direct = [_idle_linear(linear) for linear in linears]
-        self.q, self.k, self.v, self.o = (linear.original_component if direct else linear
-                                          for linear, direct in zip(linears, self.direct))
+        self.q, self.k, self.v, self.o = calls = [_linear_call(linear) for linear in linears]
+        # the bridges whose nn.Linear the plan calls itself, so it records their hook_out
+        self.bare = [linear for linear, call in zip(linears, calls) if call is linear.original_component]
         self.hook_in, self.hook_rot_q, self.hook_rot_k, self.hook_out = (
             point if point is not None and watched(point) else None
             for point in (attn.hook_in, getattr(attn, "hook_rot_q", None), getattr(attn, "hook_rot_k", None),
@@ -754,9 +767,8 @@ class _AttentionPlan:
         q = self.q(hidden).view(shape).transpose(1, 2)
         k = self.k(hidden).view(shape).transpose(1, 2)
         v = self.v(hidden).view(shape).transpose(1, 2)
-        for linear, direct in zip(self.linears[:3], self.direct):
-            if direct:  # as the bridge's forward records it
-                object.__setattr__(linear, "_fired_hook_out", True)
+        for linear in self.bare:  # as the bridge's forward records it
+            object.__setattr__(linear, "_fired_hook_out", True)
         if self.rotary_hooks is not None:
             position_embeddings = self.rotary_hooks(position_embeddings)
         cos, sin = position_embeddings
@@ -771,29 +783,34 @@ class _AttentionPlan:
         z = z.transpose(1, 2).reshape(*input_shape, -1)
         if self.o_dtype is not None and z.dtype != self.o_dtype:
             z = z.to(self.o_dtype)
-        if self.direct[3]:
-            object.__setattr__(self.linears[3], "_fired_hook_out", True)
         out = self.o(z)
         return self.hook_out(out) if self.hook_out is not None else out
 
 
 def _bridge_explicit_heads(attn, q, k, v, mask, scale):
-    """The explicit attention of TL 4.x's `PositionEmbeddingsAttentionBridge.forward`, op
-    for op (the same scores, mask, fp32 softmax and NaN scrub, so the same bits), firing
-    ``hook_attn_scores`` and ``hook_pattern``: ``(z [batch, head, q, d_head], pattern)``.
-    Only what the refusals leave (no sinks, soft-capping or dropout) is reproduced."""
-    groups = getattr(attn.original_component, "num_key_value_groups", 1)
-    if groups > 1:
-        from transformers.models.llama.modeling_llama import repeat_kv
+    """The explicit attention of TL 4.x's `PositionEmbeddingsAttentionBridge.forward` (the
+    same scores, mask, fp32 softmax and NaN scrub), firing ``hook_attn_scores`` and
+    ``hook_pattern``: ``(z [batch, head, q, d_head], pattern)``. Only what the refusals
+    leave (no sinks, soft-capping or dropout) is reproduced.
 
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    scores = attn._apply_reconstruct_attention_mask(attn_scores=scores, attention_mask=mask, seq_len=k.shape[-2],
-                                                    q_seq_len=q.shape[-2])
+    Where query heads share KV heads, TL copies every KV head to each of its query heads
+    (``repeat_kv``) and runs one small matrix product per head. Here the query heads of a
+    KV head are stacked as rows of one product with that head's keys (and the pattern's
+    rows of one product with its values), so nothing is copied and the kernel runs a few
+    large products instead of many matrix-vector ones (docs/performance.md has the times).
+    The sums are the same but in the kernel's other blocking, so the scores agree with
+    TL's to rounding (~1e-7 relative in fp32), as the fused layers' outputs do."""
+    batch, heads, q_len, d_head = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[-2]
+    stacked = (batch, kv_heads, heads // kv_heads * q_len)
+    scores = torch.matmul(q.reshape(*stacked, d_head), k.transpose(-2, -1)).view(batch, heads, q_len, k_len) * scale
+    scores = attn._apply_reconstruct_attention_mask(attn_scores=scores, attention_mask=mask, seq_len=k_len,
+                                                    q_seq_len=q_len)
     scores = _fire(attn.hook_attn_scores, scores)
     pattern = attn._scrub_compatibility_pattern_nans(attn._masked_softmax(scores, dtype=torch.float32).to(q.dtype))
     pattern = _fire(attn.hook_pattern, pattern)
-    return torch.matmul(pattern, v), pattern
+    z = torch.matmul(pattern.reshape(*stacked, k_len), v).view(batch, heads, q_len, v.shape[-1])
+    return z, pattern
 
 
 def _hooked_fused_forward(attn, layer: int):

@@ -15,10 +15,11 @@ which stay on a model once anything asked it for hidden states) fire either way:
 modules run in both cases. The choice is made at the
 start of every forward of the model, from the hooks present then, so a hook added with
 ``run_with_hooks`` / ``run_with_cache`` / ``model.hooks`` fires as it always does: its
-component stays a bridge. Attention components always stay bridges (they run the
-plugin's fused or explicit attention, `tl.attention.fused_attention`, and take the
-bridge's mask); a block whose own hook points are watched stays a bridge and only its
-idle norms and MLP are bypassed. Nothing is bypassed under ``stop_at_layer`` /
+component stays a bridge. Attention components always run their bridge's ``forward`` (the
+plugin's fused or explicit attention, `tl.attention.fused_attention`, with the bridge's
+mask); one with no torch hook of its own, whose module Accelerate does not offload, is
+called without TL's call wrapper, which only brings offloaded weights in. A block whose
+own hook points are watched stays a bridge and only its idle norms and MLP are bypassed. Nothing is bypassed under ``stop_at_layer`` /
 ``start_at_layer``, in compatibility mode (processed weights make a bridge compute other
 than its wrapped module) or while a global torch module hook is installed.
 """
@@ -107,6 +108,18 @@ def watched(module: torch.nn.Module, ignore: frozenset = frozenset()) -> bool:
     return False
 
 
+class _CallForward(torch.nn.Module):
+    """Stands in a parent's slot for an attention bridge during a bypassed forward: calls
+    the bridge's ``forward`` (whichever is installed) without TL's call wrapper."""
+
+    def __init__(self, bridge: torch.nn.Module):
+        super().__init__()
+        vars(self)["bridge"] = bridge  # not a submodule: the bridge stays where it is
+
+    def forward(self, *args, **kwargs):
+        return self.bridge.forward(*args, **kwargs)
+
+
 class bypass_idle_bridges:
     """For a ``with`` block, run each bridge component that no hook watches as the
     transformers module it wraps (decided at every forward; a no-op on TL 3.9's
@@ -134,9 +147,13 @@ class bypass_idle_bridges:
         from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
         from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
+        attention: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
         def places(module: torch.nn.Module) -> List[_Place]:
             found = []
             for name, child in module._modules.items():
+                if isinstance(child, AttentionBridge):
+                    attention.append((module, name, child))
                 if child is None or isinstance(child, AttentionBridge):
                     continue
                 if not isinstance(child, GeneralizedComponent):
@@ -147,23 +164,26 @@ class bypass_idle_bridges:
             return found
 
         self._places = places(hf)
+        self._attention = attention
         self._blocks = [p.bridge for p in _walk(self._places) if p.is_block]
-        census = HookCensus(m for p in _walk(self._places) for m in (p.bridge, *p.watched))
+        census = HookCensus([m for p in _walk(self._places) for m in (p.bridge, *p.watched)]
+                            + [bridge for _, _, bridge in attention])
         plan: dict = {"key": None, "swaps": []}
         self._hf = hf
         explicit = type(hf).forward
 
         @functools.wraps(explicit)  # keeps the signature, which callers inspect for the cache keyword
         def forward(*args, **kwargs):
+            # (parent, name, bridge, what runs in its place)
             swaps: List[Tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]] = []
             try:
                 if self._may_bypass():
                     key = census.key()
                     if key != plan["key"]:
-                        plan["swaps"], plan["key"] = self._idle(self._places), key
+                        plan["swaps"], plan["key"] = self._idle(self._places) + self._direct_attention(), key
                     swaps = plan["swaps"]
-                    for parent, name, _, original in swaps:
-                        parent._modules[name] = original
+                    for parent, name, _, stand_in in swaps:
+                        parent._modules[name] = stand_in
                 return explicit(hf, *args, **kwargs)
             finally:
                 for parent, name, bridge, _ in reversed(swaps):
@@ -187,6 +207,15 @@ class bypass_idle_bridges:
             return False
         return not any(getattr(b, "_stop_at_layer_idx", None) is not None
                        or getattr(b, "_start_at_layer_idx", None) is not None for b in self._blocks)
+
+    def _direct_attention(self) -> list:
+        """``(parent, name, bridge, _CallForward)`` of every attention bridge whose call
+        wrapper has nothing to do."""
+        from accelerate.utils import has_offloaded_params
+
+        return [(parent, name, bridge, _CallForward(bridge)) for parent, name, bridge in self._attention
+                if not any(getattr(bridge, hooks) for hooks in _HOOK_DICTS)
+                and not has_offloaded_params(bridge.original_component)]
 
     def _idle(self, places: List[_Place], inside_idle: bool = False) -> list:
         """``(parent, name, bridge, wrapped module)`` of every bridge component to bypass."""
