@@ -112,6 +112,14 @@ def worker(args) -> None:
         model = _hf(shape, args.device, dtype, "eager" if v == "authors" else "sdpa")
     else:
         model = build(shape, args.device, dtype)
+    if v in GENERATION:
+        # The random model's vocabulary is the 7B's (152,064 ids), so it would also pick ids
+        # the SmolLM2 tokenizer (49,152) cannot decode. The same hook on the transformers
+        # unembedding in every variant (it fires whether or not the bridge is bypassed)
+        # keeps greedy decoding inside the tokenizer's ids, at the same cost for all.
+        head = model.lm_head if v == "transformers" else model.original_model.lm_head.original_component
+        n_ids = len(tok)
+        head.register_forward_hook(lambda module, args_, logits: logits[..., n_ids:].fill_(float("-inf")))
 
     def gen_once(n_tokens, batch, new_tokens):
         ids = traces[n_tokens].token_ids.tolist()

@@ -236,6 +236,22 @@ def test_generation_benchmark_runs_on_a_given_model():
 
 
 
+def test_issue24_gpu_benchmark_runs_on_cpu_with_a_tiny_config():
+    """benchmarks/issue24_gpu_7b.py with a 2-layer model of the 7B's architecture (and its
+    152,064-id vocabulary, which greedy decoding must not leave the tokenizer's ids for):
+    StepFlow generation and saliency's auto mode run and print their rows."""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/issue24_gpu_7b.py", "--tiny", "--device", "cpu", "--dtype", "float32",
+         "--tokens", "128", "--batch", "1", "--new-tokens", "4", "--variants", "stepflow", "auto"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stepflow: ok" in out.stderr and "auto: ok" in out.stderr, out.stderr[-3000:]
+    assert re.search(r"\|\s+128 \|\s+1 \|\s+not run \|\s+not run \|\s+[\d.]+ \|", out.stdout), out.stdout
+    assert re.search(r"\|\s+128 \|\s+not run \|\s+not run \|\s+[\d.]+ \|.*\| tiled \(\d+\)", out.stdout), out.stdout
+
+
 # ---------------------------------------------------------------------- fused attention (issue 24)
 FUSED_PROMPTS = ["What is 2+3?", "Compute the sum of the first ten prime numbers and explain each step.",
                  "Name a colour."]

@@ -210,3 +210,18 @@ def test_load_validates_what_it_reads_and_names_the_file(tiny_bridge, trace, tmp
     (tmp_path / "only.json").write_text(not_zip.with_suffix(".json").read_text())
     with pytest.raises(StepflowError, match=r"only\.npz is missing"):
         StepSaliency.load(tmp_path / "only")
+
+
+@pytest.mark.parametrize("mode", ["dense", "bounded", "tiled", "auto"])
+def test_a_model_with_frozen_weights_gets_the_same_maps(tiny_model, trace, mode):
+    """Weights without gradients (``model.requires_grad_(False)``, common in
+    interpretability work) leave nothing before the maps taking a gradient; the maps are
+    the same as with trainable weights, and the weights stay frozen."""
+    trainable = step_saliency(tiny_model, trace, mode=mode)
+    tiny_model.requires_grad_(False)
+    try:
+        frozen = step_saliency(tiny_model, trace, mode=mode)
+        assert not any(p.requires_grad for p in tiny_model.parameters())
+    finally:
+        tiny_model.requires_grad_(True)
+    torch.testing.assert_close(frozen.maps, trainable.maps, rtol=0, atol=0)

@@ -153,6 +153,13 @@ def _make_result(trace, layers, pooler, *, n_model_layers, map_kind, pool, loss,
     )
 
 
+def _taking_grad(resid: torch.Tensor) -> torch.Tensor:
+    """``resid`` where it takes a gradient; else (the model's weights are frozen, so nothing
+    before it takes one) its values as a leaf that does: the maps need the gradient from
+    there up only, and without it no pattern would have one."""
+    return resid if resid.requires_grad else resid.detach().requires_grad_(True)
+
+
 class _DenseGradients:
     """Dense mode: one forward and one backward. Autograd keeps every mapped layer's
     pattern; each is pooled with its gradient when that arrives, and backward stops at
@@ -163,7 +170,8 @@ class _DenseGradients:
         self.target: Optional[torch.Tensor] = None  # where backward may stop
 
     def hooks(self) -> list:
-        return [(attn_hook(layer, "pattern"), self._on_pattern) for layer in self.layers]
+        return [(attn_hook(layer, "pattern"), self._on_pattern) for layer in self.layers] + [
+            (block_hook(self.layers[0], "resid_pre"), lambda resid, hook: _taking_grad(resid))]
 
     def contexts(self, model) -> list:
         return []
@@ -176,7 +184,19 @@ class _DenseGradients:
             self.target = pattern
 
 
-class _BoundedGradients:
+class _StopsAtLowestInput:
+    """Backward stops at the lowest mapped block's input, ``[1, pos, d_model]``."""
+
+    target: Optional[torch.Tensor] = None
+
+    def _on_input(self, resid, hook):
+        resid = _taking_grad(resid)
+        if self.target is None:
+            self.target = resid
+        return resid
+
+
+class _BoundedGradients(_StopsAtLowestInput):
     """Bounded mode: the blocks from the lowest mapped one up run under activation
     checkpointing. The first call of each layer's pattern hook is the checkpointed
     forward, whose activations are dropped; the second is the recomputation during
@@ -186,7 +206,6 @@ class _BoundedGradients:
 
     def __init__(self, pooler: _LayerPooler, layers: list):
         self.pooler, self.layers = pooler, layers
-        self.target: Optional[torch.Tensor] = None
         self.seen = dict.fromkeys(layers, 0)
         self.recomputed: dict = {}
 
@@ -198,10 +217,6 @@ class _BoundedGradients:
     def contexts(self, model) -> list:
         return [checkpointed_blocks(model, self.layers[0]), set_checkpoint_early_stop(False)]
 
-    def _on_input(self, resid, hook):
-        if self.target is None:
-            self.target = resid
-
     def _on_pattern(self, pattern, hook):
         layer = layer_of(hook)
         self.seen[layer] += 1
@@ -211,7 +226,7 @@ class _BoundedGradients:
             self.recomputed[layer] = pattern.detach()
 
 
-class _TiledGradients:
+class _TiledGradients(_StopsAtLowestInput):
     """Tiled mode: no pattern exists. Every layer's attention runs as
     `tl.attention.TiledAttention`, whose backward hands each recomputed tile of
     A and dL/dA to that layer's `tiled.TilePooler`; backward stops at the lowest mapped
@@ -222,7 +237,6 @@ class _TiledGradients:
     def __init__(self, pooler: _LayerPooler, layers: list, trace, n_heads: int, per_head: bool, block: int,
                  checkpoint: bool):
         self.pooler, self.layers, self.block, self.checkpoint = pooler, layers, block, checkpoint
-        self.target: Optional[torch.Tensor] = None
         self.tiles = {layer: TilePooler(trace.token_steps, pooler.onehot, n_heads, per_head, pooler.rule)
                       for layer in layers}
 
@@ -232,10 +246,6 @@ class _TiledGradients:
     def contexts(self, model) -> list:
         scope = TiledAttentionScope(model, self.tiles.get, self.block)
         return [scope, checkpointed_blocks(model, self.layers[0])] if self.checkpoint else [scope]
-
-    def _on_input(self, resid, hook):
-        if self.target is None:
-            self.target = resid
 
     def finish(self) -> None:
         for layer, tile in self.tiles.items():
