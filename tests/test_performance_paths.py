@@ -181,7 +181,9 @@ def test_free_heap_release_finds_glibc_and_is_a_no_op_without_it(monkeypatch):
 def test_blockwise_loss_refuses_transformed_logits(tiny_model, tiny_hf, trace, monkeypatch):
     """A model that changes its logits after the unembedding (soft-capping, a logit
     scale) would make the block-wise loss wrong: bounded mode says so, dense still works,
-    and a callable loss (which gets the real logits) works in bounded mode too."""
+    a callable loss (which gets the real logits) works in bounded mode too, and tiled
+    mode without checkpointing (what ``auto`` runs) sees the change before its forward
+    and takes the whole logits."""
     if adapter(tiny_model).kind == "hooked":
         monkeypatch.setattr(tiny_model.cfg, "output_logits_soft_cap", 5.0)
         handle = None
@@ -202,9 +204,31 @@ def test_blockwise_loss_refuses_transformed_logits(tiny_model, tiny_hf, trace, m
             loss=lambda logits, tr: torch.nn.functional.cross_entropy(logits[0, :-1], tr.token_ids[1:]),
         )
         assert torch.allclose(with_callable.maps, dense.maps, rtol=1e-5, atol=0)
+        auto = step_saliency(tiny_model, trace, mode="auto")
+        assert (auto.meta["mode"], auto.meta["checkpoint"]) == ("tiled", False)
+        assert auto.meta["loss_value"] == pytest.approx(dense.meta["loss_value"], rel=1e-6)
+        assert torch.allclose(auto.maps, dense.maps, rtol=1e-4, atol=0)
     finally:
         if handle is not None:
             handle.remove()
+
+
+@pytest.mark.parametrize("loss", ["sequence", "logit"])
+def test_tiled_mode_without_checkpointing_takes_the_loss_block_wise(tiny_model, trace, monkeypatch, loss):
+    """Without checkpointing, tiled mode computes a built-in loss inside the unembedding,
+    a block of positions at a time with each block's gradient taken at once: whole logits
+    never exist, no block is unembedded twice, and maps and loss are the checkpointed
+    run's bit for bit."""
+    monkeypatch.setattr(_loss_in_unembedding, "LOGIT_ELEMENTS", 7 * tiny_model.cfg.d_vocab_out)
+    rows = []
+    unembed = type(tiny_model.unembed)
+    forward = unembed.forward
+    monkeypatch.setattr(unembed, "forward", lambda self, x, *a, **k: rows.append(x.shape[1]) or forward(self, x, *a, **k))
+    eager = step_saliency(tiny_model, trace, loss=loss, mode="tiled", checkpoint=False)
+    assert rows and max(rows) <= 7 and sum(rows) <= trace.token_ids.shape[0]
+    checkpointed = step_saliency(tiny_model, trace, loss=loss, mode="tiled", checkpoint=True)
+    assert torch.equal(eager.maps, checkpointed.maps) and eager.maps.abs().max() > 0
+    assert eager.meta["loss_value"] == checkpointed.meta["loss_value"]
 
 
 def test_long_trace_helper_builds_exact_lengths(tokenizer):
@@ -233,7 +257,6 @@ def test_generation_benchmark_runs_on_a_given_model():
     assert row, out.stdout
     assert 1 <= int(row.group(1)) <= 4 and 1 <= int(row.group(2)) <= 4
     assert float(row.group(3)) > 0 and float(row.group(4)) > 0
-
 
 
 def test_issue24_gpu_benchmark_runs_on_cpu_with_a_tiny_config():

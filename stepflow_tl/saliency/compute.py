@@ -286,10 +286,11 @@ def dense_memory(n_tokens: int, n_heads: int, n_layers_kept: int, vocab: int, dt
 def activation_memory(n_tokens: int, n_layers: int, d_model: int, d_mlp: int, vocab: int,
                       dtype: torch.dtype) -> int:
     """Estimated peak bytes of tiled mode without checkpointing above the weights: what
-    autograd keeps of every block (about ``12 d_model + 4 d_mlp`` values per token) and
-    the whole-sequence logits, their log-softmax and its gradient (fp32 at least). On
-    SmolLM2 (fp32, CPU) this is 2.16 MB per token; measured: 2.2 MB per token between
-    1,024 and 2,048 tokens."""
+    autograd keeps of every block (about ``12 d_model + 4 d_mlp`` values per token) and,
+    for a callable loss (``vocab``; 0 for a built-in one, computed block-wise), the
+    whole-sequence logits, their log-softmax and its gradient (fp32 at least). On
+    SmolLM2 (fp32, CPU) this is 2.16 MB per token with the logits; measured: 2.2 MB per
+    token between 1,024 and 2,048 tokens when the built-in losses still held them."""
     item = torch.finfo(dtype).bits // 8
     return n_tokens * (n_layers * (12 * d_model + 4 * d_mlp) * item + 3 * vocab * max(item, 4))
 
@@ -311,14 +312,16 @@ def auto_mode(a, trace: Trace, layers: list, interventions: list, model: TLModel
     return "dense" if _fits(need, a.device) else "bounded"
 
 
-def auto_checkpoint(a, n_tokens: int) -> bool:
+def auto_checkpoint(a, n_tokens: int, whole_logits: bool) -> bool:
     """Whether ``mode="auto"`` runs tiled mode under activation checkpointing: only where
-    the blocks' activations (`activation_memory`) would not fit in `AUTO_MEMORY_SHARE` of
-    `available_memory`. Checkpointing costs a second forward of every block."""
+    the blocks' activations (`activation_memory`, with the logits where a callable loss
+    needs them whole) would not fit in `AUTO_MEMORY_SHARE` of `available_memory`.
+    Checkpointing costs a second forward of every block."""
     cfg = a.model.cfg
     d_model = int(cfg.d_model)
+    vocab = int(getattr(cfg, "d_vocab", 0) or 0) if whole_logits else 0
     need = activation_memory(n_tokens, a.n_layers, d_model, int(getattr(cfg, "d_mlp", None) or 4 * d_model),
-                             int(getattr(cfg, "d_vocab", 0) or 0), a.dtype)
+                             vocab, a.dtype)
     return not _fits(need, a.device)
 
 
@@ -401,9 +404,10 @@ def step_saliency(
             growing with free memory on a GPU). ``meta["mode"]`` says which mode ran and,
             for tiled mode, ``meta["block"]`` which tile side.
         checkpoint: tiled mode only: run the blocks under activation checkpointing
-            (memory of one block, at the price of a second forward; with it a built-in
-            loss is computed block-wise, as in bounded mode) or keep their activations,
-            as a plain backward does (one forward; memory `activation_memory`). Default:
+            (memory of one block, at the price of a second forward) or keep their
+            activations, as a plain backward does (one forward; memory
+            `activation_memory`). Either way a built-in loss is computed block-wise, as in
+            bounded mode. Default:
             True for ``mode="tiled"``, `auto_checkpoint` for ``"auto"``;
             ``meta["checkpoint"]`` says which ran.
 
@@ -429,7 +433,7 @@ def step_saliency(
         raise StepflowError(f"checkpoint= chooses whether tiled mode recomputes its blocks; mode={requested!r} "
                             "takes none (bounded mode always checkpoints, dense mode never does)")
     if mode == "tiled" and checkpoint is None:
-        checkpoint = requested == "tiled" or auto_checkpoint(a, int(trace.token_ids.shape[0]))
+        checkpoint = requested == "tiled" or auto_checkpoint(a, int(trace.token_ids.shape[0]), callable(loss))
     if mode == "tiled" and interventions:
         # Tiled layers never fire hook_attn_scores/hook_pattern, where OEB and its
         # controls edit attention: the edits would be silently skipped.
@@ -444,11 +448,14 @@ def step_saliency(
     elif not callable(loss):  # resolved once: the loss function and the block-wise loss share them
         positions = loss_positions if loss_positions is not None else loss_target_positions(loss, trace)
     loss_name, loss_fn = resolve_loss(loss, trace, positions, logit)
-    # Bounded and checkpointed tiled modes never hold whole-sequence logits for a built-in loss; a
-    # callable loss needs them, so it gets them.
-    blockwise_loss = (mode == "bounded" or (mode == "tiled" and checkpoint)) and not callable(loss)
-    pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device, rule)
+    # Bounded and tiled modes never hold whole-sequence logits for a built-in loss (dense mode
+    # is the reference, computed as the authors do); a callable loss needs them, so it gets them.
+    # Tiled mode without checkpointing gets them too where the model changes its logits
+    # after the unembedding (the block-wise loss would be wrong; bounded mode refuses).
     tokens = trace.token_ids[None].to(a.device)
+    blockwise_loss = mode in ("bounded", "tiled") and not callable(loss) and (
+        mode == "bounded" or checkpoint or LossInUnembedding.logits_untouched(model, a.forward, tokens[0]))
+    pooler = _LayerPooler(trace, layers, a.n_heads, pool, a.device, rule)
     if mode == "tiled":
         if block is None:
             block = auto_tile_side(trace.token_ids.shape[0], a.n_heads, a.device)

@@ -9,7 +9,6 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from jaxtyping import Int
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import StepflowError
 from ..tl.adapter import TLModel
@@ -95,17 +94,40 @@ def resolve_loss(
     return loss, lambda logits: _target_ce(logits, trace.token_ids, positions)
 
 
+class _PrecomputedGradient(torch.autograd.Function):
+    """``value``, whose gradient with respect to ``x`` was computed with it
+    (``grad_x``), as a function of ``x``: the backward only scales ``grad_x`` by the
+    value's own upstream gradient (1 where the value is the differentiated scalar)."""
+
+    @staticmethod
+    def forward(ctx, x, value, grad_x):
+        ctx.save_for_backward(grad_x)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad_x,) = ctx.saved_tensors
+        return grad_x * upstream.to(grad_x.dtype), None, None
+
+
 class LossInUnembedding:
     """Compute a built-in loss inside the unembedding, one block of positions at a time.
 
-    Used by bounded mode. Otherwise the ``[1, pos, vocab]`` logits, their log-softmax
-    and its gradient (~4 such copies) are the largest tensors of a bounded run: 1.5 GiB
-    at T = 2048 on SmolLM2's 49k vocabulary, ~40 GB at T = 16k on a 152k-vocabulary
-    model. ``unembed.forward`` is shadowed (`stepflow_tl.tl.hooks.shadow_forward`) for the duration: it receives the final
+    Used by bounded and tiled modes. Otherwise the ``[1, pos, vocab]`` logits, their
+    log-softmax and its gradient (~4 such copies) are the largest tensors of the run:
+    1.5 GiB at T = 2048 on SmolLM2's 49k vocabulary, ~40 GB at T = 16k on a
+    152k-vocabulary model; on a CPU, writing them (fresh pages each) took about a fifth
+    of a tiled run of SmolLM2 at 1,024 tokens (docs/performance.md). ``unembed.forward`` is shadowed
+    (`stepflow_tl.tl.hooks.shadow_forward`) for the duration: it receives the final
     normalised residual ``[1, pos, d_model]``, unembeds a block of predicting positions
-    at a time under activation checkpointing (so one block's logits exist at a time, in
-    the forward and again in the backward), sums their cross-entropy into ``self.loss``
-    and hands the model a zero-stride stand-in for the logits.
+    at a time and, while that block's logits exist, also takes the block's gradient with
+    respect to its residual rows, so one block's logits exist at a time and none is
+    recomputed in the backward. It sums their cross-entropy into ``self.loss`` (whose
+    backward hands on those gradients, `_PrecomputedGradient`) and hands the model a
+    zero-stride stand-in for the logits. Each block gets the upstream gradient autograd
+    would hand it, so its gradient is the one a backward through the block computes, op
+    for op (the maps are those of the dense mode's whole logits bit for bit in fp32, in
+    every case tested).
 
     With ``logit`` (a `LogitTarget`) the scalar is that one logit instead, computed in the
     block of positions that ends at its position.
@@ -149,8 +171,8 @@ class LossInUnembedding:
         targets = self.targets.to(resid.device)
         read_logit = self.logit is not None
 
-        def block_sum(resid, start, stop, rows, block_targets):
-            logits = at_least_fp32(unembed(resid[:, start:stop], *args, **kwargs)[0, rows])
+        def block_sum(rows_resid, rows, block_targets):
+            logits = at_least_fp32(unembed(rows_resid, *args, **kwargs)[0, rows])
             if read_logit:
                 return logits.gather(-1, block_targets[:, None]).sum()
             return -torch.log_softmax(logits, dim=-1).gather(-1, block_targets[:, None]).sum()
@@ -158,16 +180,18 @@ class LossInUnembedding:
         length = max(1, self.LOGIT_ELEMENTS // self.vocab)
         stop = int(predicting[-1]) + 1
         lowest = max(0, min(int(predicting[0]), stop - length))
-        total = 0.0
+        total, grad, upstream = 0.0, torch.zeros_like(resid), None
         for block_stop in range(stop, lowest, -length):
             block_start = max(lowest, block_stop - length)
             inside = (predicting >= block_start) & (predicting < block_stop)
             if bool(inside.any()):
-                total = total + checkpoint(
-                    block_sum, resid, block_start, block_stop, predicting[inside] - block_start,
-                    targets[inside], use_reentrant=False,
-                )
-        return total / predicting.numel()
+                rows_resid = resid[:, block_start:block_stop].detach().requires_grad_(True)
+                block = block_sum(rows_resid, predicting[inside] - block_start, targets[inside])
+                if upstream is None:  # what autograd hands each block sum: d(total / n) / d(block sum)
+                    upstream = torch.ones_like(block) / predicting.numel()
+                grad[:, block_start:block_stop] = torch.autograd.grad(block, rows_resid, upstream)[0]
+                total = total + block.detach()
+        return _PrecomputedGradient.apply(resid, total / predicting.numel(), grad)
 
     def __enter__(self):
         original = self.unembed.forward
@@ -185,13 +209,31 @@ class LossInUnembedding:
         self._shadow.__exit__(*exc)
         return False
 
+    @staticmethod
+    def logits_untouched(model: TLModel, run: Callable[[torch.Tensor], torch.Tensor],
+                         token_ids: torch.Tensor) -> bool:
+        """Whether ``run(tokens)`` (the model's forward) returns the unembedding's output
+        unchanged, found without gradients on the first token, with an unembedding that
+        returns ones: a model that changes them (soft-capping, a logit scale, in place
+        or not) returns another tensor or other values."""
+        marker = []
+
+        def forward(resid, *args, **kwargs):
+            marker.append(resid.new_ones(*resid.shape[:-1], int(model.cfg.d_vocab_out)))
+            return marker[-1]
+
+        with torch.no_grad(), shadow_forward(model.unembed, forward):
+            output = run(token_ids[None, :1])
+        return len(marker) == 1 and output is marker[0] and bool((output == 1).all())
+
     def check_output(self, output: torch.Tensor) -> torch.Tensor:
         """The loss, once the model's ``output`` is known to be the untouched logits."""
         if self.loss is None or output is not self.stand_in:
             raise StepflowError(
                 "this model transforms its logits after the unembedding (e.g. soft-capping "
-                "or a logit scale), so bounded mode cannot compute the loss block by block; "
-                "use mode='dense' or pass the loss as a callable(logits, trace)"
+                "or a logit scale), so the loss cannot be computed block by block under "
+                "checkpointing; use mode='dense', mode='tiled' with checkpoint=False, or pass "
+                "the loss as a callable(logits, trace)"
             )
         return self.loss
 
