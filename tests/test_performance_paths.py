@@ -223,7 +223,8 @@ def test_tiled_mode_without_checkpointing_takes_the_loss_block_wise(tiny_model, 
     rows = []
     unembed = type(tiny_model.unembed)
     forward = unembed.forward
-    monkeypatch.setattr(unembed, "forward", lambda self, x, *a, **k: rows.append(x.shape[1]) or forward(self, x, *a, **k))
+    monkeypatch.setattr(unembed, "forward",
+                        lambda self, x, *a, **k: rows.append(x.shape[1]) or forward(self, x, *a, **k))
     eager = step_saliency(tiny_model, trace, loss=loss, mode="tiled", checkpoint=False)
     assert rows and max(rows) <= 7 and sum(rows) <= trace.token_ids.shape[0]
     checkpointed = step_saliency(tiny_model, trace, loss=loss, mode="tiled", checkpoint=True)

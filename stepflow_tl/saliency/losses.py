@@ -117,9 +117,9 @@ class LossInUnembedding:
     log-softmax and its gradient (~4 such copies) are the largest tensors of the run:
     1.5 GiB at T = 2048 on SmolLM2's 49k vocabulary, ~40 GB at T = 16k on a
     152k-vocabulary model; on a CPU, writing them (fresh pages each) took about a fifth
-    of a tiled run of SmolLM2 at 1,024 tokens (docs/performance.md). ``unembed.forward`` is shadowed
-    (`stepflow_tl.tl.hooks.shadow_forward`) for the duration: it receives the final
-    normalised residual ``[1, pos, d_model]``, unembeds a block of predicting positions
+    of a tiled run of SmolLM2 at 1,024 tokens (docs/performance.md). ``unembed.forward``
+    is shadowed (`stepflow_tl.tl.hooks.shadow_forward`) for the duration: it receives the
+    final normalised residual ``[1, pos, d_model]``, unembeds a block of predicting positions
     at a time and, while that block's logits exist, also takes the block's gradient with
     respect to its residual rows, so one block's logits exist at a time and none is
     recomputed in the backward. It sums their cross-entropy into ``self.loss`` (whose
